@@ -1,0 +1,29 @@
+import importlib.util
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+os.environ.setdefault("OUTDATED_IGNORE", "1")  # wilds' version check would reach for the network
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+HAS_DASSL = importlib.util.find_spec("dassl") is not None
+requires_dassl = pytest.mark.skipif(
+    not HAS_DASSL, reason="needs Dassl.pytorch (not on PyPI): install it as the README says")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    from vlprompt.clip_loading import random_clip
+    return random_clip("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_l_clip():
+    from vlprompt.clip_loading import random_clip
+    return random_clip("tiny-L", seed=1)

@@ -1,0 +1,78 @@
+"""Atomic file writes: a temporary file in the target folder, then a rename.
+
+A crash or a failed write leaves the previous file intact, never a half-written one.
+"""
+import hashlib
+import io
+import os
+import tempfile
+from typing import Callable
+
+import torch
+
+
+class OutputWriteError(OSError):
+    """Writing an output file failed; the message names the path and the reason."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        raise OutputWriteError(
+            f"could not write {path}: {err.strerror or err}. The previous file, if any, is "
+            f"unchanged; free disk space or make {folder} writable and rerun.") from err
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def tensors_fingerprint(named_tensors) -> str:
+    """sha256 over names, shapes, dtypes and bytes of tensors: identifies frozen weights."""
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors:
+        shape = tensor.shape
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_strict(module: torch.nn.Module, state: dict, source: str) -> None:
+    """load_state_dict(strict) with an error naming the mismatched keys and shapes."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{source} does not match this model's configuration (prompt length, depth, cross layer, "
+            f"backbone?): missing keys {missing[:6]}, unexpected keys {unexpected[:6]}, "
+            f"shape mismatches {wrong[:6]}")
+    module.load_state_dict(state)

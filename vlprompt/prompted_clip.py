@@ -1,0 +1,231 @@
+"""CLIP's two encoders with per-layer prompt tokens, driven from outside an unmodified model.
+
+Positions (as in VPT-deep / MaPLe / HiCroPL):
+  text   [SOS, P_0 (n tokens), class tokens, ".", EOT] + positional embedding; before layer i >= 1
+         positions 1..n are replaced by P_i (no positional embedding).
+  image  [CLS, patches] + positional embedding, then P_0 appended, then ln_pre; before layer
+         i >= 1 the last n tokens are replaced by P_i.
+A layer given no prompt keeps what the previous layer produced at those positions.
+
+Each encoder exposes embed / run_layer / prompt_states / features so that a method can step
+both encoders in lockstep and exchange information between layers (`encode_lockstep`).
+"""
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .transformer_ops import residual_block, residual_block_shared_prefix
+
+Prompt = Optional[Tensor]  # [n, D] shared by the batch, or [N, n, D] one per sequence
+
+
+@dataclass
+class TextState:
+    """Hidden states of a batch of prompts between two text layers.
+
+    With a shared prefix, `prefix` [P, 1+n, D] holds SOS and the prompt tokens (P == 1 when every
+    sequence shares them) and `body` [C, L-1-n, D] the class-specific rest; otherwise `prefix`
+    is None and `body` is the whole [C, L, D] sequence.
+    """
+    prefix: Optional[Tensor]
+    body: Tensor
+    eot: Tensor  # [C] position of EOT in the whole sequence
+    n_prompt: int
+
+
+@dataclass
+class ImageState:
+    tokens: Tensor  # [B, 1 + patches + n, D]
+    n_prompt: int
+
+
+def _as_batch(prompt: Tensor, batch: int) -> Tensor:
+    return prompt.unsqueeze(0).expand(batch, -1, -1) if prompt.dim() == 2 else prompt
+
+
+class PromptedTextEncoder(nn.Module):
+    """CLIP's text tower over token ids, with prompts at positions 1..n."""
+
+    def __init__(self, clip_model: nn.Module, shared_prefix: bool = True, cut_at_eot: bool = True):
+        super().__init__()
+        self.token_embedding = clip_model.token_embedding
+        self.positional_embedding = clip_model.positional_embedding
+        self.blocks = clip_model.transformer.resblocks
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        # Exact shortcuts (see transformer_ops and hicropl.md); off = the release's computation.
+        self.shared_prefix = shared_prefix
+        self.cut_at_eot = cut_at_eot
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def width(self) -> int:
+        return self.ln_final.weight.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].attn.in_proj_weight.dtype
+
+    def embed(self, token_ids: Tensor, prompt: Prompt = None) -> TextState:
+        eot = token_ids.argmax(dim=-1)  # EOT has the largest id
+        n = 0 if prompt is None else prompt.shape[-2]
+        if n and int(eot.min()) <= n:
+            raise ValueError(f"a {n}-token prompt overwrites the EOT token: tokenize placeholders first")
+        # Causal mask: nothing after a sequence's EOT reaches its EOT feature, so the batch can
+        # stop at the last EOT.
+        length = int(eot.max()) + 1 if self.cut_at_eot else token_ids.shape[1]
+        x = self.token_embedding(token_ids[:, :length]).to(self.dtype)
+        if n:
+            x = torch.cat([x[:, :1], _as_batch(prompt.to(self.dtype), x.shape[0]), x[:, 1 + n:]], dim=1)
+        x = x + self.positional_embedding[:length].to(self.dtype)
+        if n and self.shared_prefix:
+            prefix = x[:1, :1 + n] if prompt.dim() == 2 else x[:, :1 + n]
+            return TextState(prefix=prefix, body=x[:, 1 + n:], eot=eot, n_prompt=n)
+        return TextState(prefix=None, body=x, eot=eot, n_prompt=n)
+
+    def _replace_prompt(self, state: TextState, prompt: Tensor) -> TextState:
+        n = state.n_prompt
+        if prompt.shape[-2] != n:
+            raise ValueError(f"text prompt has {prompt.shape[-2]} tokens, the sequence has {n} prompt slots")
+        prompt = prompt.to(self.dtype)
+        if state.prefix is not None:
+            sos = state.prefix[:, :1]
+            if prompt.dim() == 3 and sos.shape[0] == 1:
+                sos = sos.expand(prompt.shape[0], -1, -1)
+            return replace(state, prefix=torch.cat([sos, _as_batch(prompt, sos.shape[0])], dim=1))
+        x = state.body
+        body = torch.cat([x[:, :1], _as_batch(prompt, x.shape[0]), x[:, 1 + n:]], dim=1)
+        return replace(state, body=body)
+
+    def run_layer(self, i: int, state: TextState, prompt: Prompt = None) -> TextState:
+        if prompt is not None:
+            state = self._replace_prompt(state, prompt)
+        block = self.blocks[i]
+        if state.prefix is not None:
+            prefix, body = residual_block_shared_prefix(block, state.prefix, state.body)
+            return replace(state, prefix=prefix, body=body)
+        return replace(state, body=residual_block(block, state.body, causal=True))
+
+    def prompt_states(self, state: TextState) -> Tensor:
+        """[P, n, D] hidden states at the prompt positions (P == 1 when shared)."""
+        n = state.n_prompt
+        return state.prefix[:, 1:] if state.prefix is not None else state.body[:, 1:1 + n]
+
+    def features(self, state: TextState) -> Tensor:
+        """[C, E] projected EOT features."""
+        rows = torch.arange(state.body.shape[0], device=state.body.device)
+        offset = 0 if state.prefix is None else 1 + state.n_prompt
+        x = state.body[rows, state.eot - offset]
+        return self.ln_final(x) @ self.text_projection.to(x.dtype)
+
+    def forward(self, token_ids: Tensor, prompts: Sequence[Prompt] = ()) -> Tensor:
+        """Features of `token_ids` [C, 77]; prompts[i] (if any) enters before layer i."""
+        prompts = _check_depth(prompts, self.depth, "text")
+        state = self.embed(token_ids, prompts[0] if prompts else None)
+        for i in range(self.depth):
+            state = self.run_layer(i, state, prompts[i] if 0 < i < len(prompts) else None)
+        return self.features(state)
+
+
+class PromptedImageEncoder(nn.Module):
+    """CLIP's ViT over images, with prompt tokens after the patches."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        visual = clip_model.visual
+        if not hasattr(visual, "transformer"):
+            raise ValueError("prompted image encoders need a ViT CLIP backbone")
+        self.conv1 = visual.conv1
+        self.class_embedding = visual.class_embedding
+        self.positional_embedding = visual.positional_embedding
+        self.ln_pre = visual.ln_pre
+        self.blocks = visual.transformer.resblocks
+        self.ln_post = visual.ln_post
+        self.proj = visual.proj
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def width(self) -> int:
+        return self.ln_post.weight.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv1.weight.dtype
+
+    def embed(self, images: Tensor, prompt: Prompt = None) -> ImageState:
+        x = self.conv1(images.to(self.dtype))  # [B, D, g, g]
+        x = x.flatten(2).transpose(1, 2)  # [B, g*g, D]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        n = 0
+        if prompt is not None:
+            n = prompt.shape[-2]
+            x = torch.cat([x, _as_batch(prompt.to(x.dtype), x.shape[0])], dim=1)
+        return ImageState(tokens=self.ln_pre(x), n_prompt=n)
+
+    def run_layer(self, i: int, state: ImageState, prompt: Prompt = None) -> ImageState:
+        x = state.tokens
+        if prompt is not None:
+            n = state.n_prompt
+            if prompt.shape[-2] != n:
+                raise ValueError(f"visual prompt has {prompt.shape[-2]} tokens, the sequence has {n} slots")
+            x = torch.cat([x[:, :-n], _as_batch(prompt.to(x.dtype), x.shape[0])], dim=1)
+        return replace(state, tokens=residual_block(self.blocks[i], x))
+
+    def prompt_states(self, state: ImageState) -> Tensor:
+        return state.tokens[:, state.tokens.shape[1] - state.n_prompt:]  # [B, n, D]
+
+    def features(self, state: ImageState) -> Tensor:
+        x = self.ln_post(state.tokens[:, 0])
+        return x @ self.proj.to(x.dtype)
+
+    def forward(self, images: Tensor, prompts: Sequence[Prompt] = ()) -> Tensor:
+        prompts = _check_depth(prompts, self.depth, "image")
+        state = self.embed(images, prompts[0] if prompts else None)
+        for i in range(self.depth):
+            state = self.run_layer(i, state, prompts[i] if 0 < i < len(prompts) else None)
+        return self.features(state)
+
+
+def _check_depth(prompts: Sequence[Prompt], depth: int, which: str) -> Sequence[Prompt]:
+    prompts = list(prompts)
+    if len(prompts) > depth:
+        raise ValueError(f"{len(prompts)} {which} prompt layers for a {depth}-layer encoder")
+    if prompts and prompts[0] is None and any(p is not None for p in prompts[1:]):
+        raise ValueError(f"deep {which} prompts need a first-layer prompt to reserve their positions")
+    return prompts
+
+
+# between_layers(i, text_prompt_states [P, n, dt], image_prompt_states [B, n, dv])
+#   -> (text prompt or None, image prompt or None) entering layer i
+BetweenLayers = Callable[[int, Tensor, Tensor], Tuple[Prompt, Prompt]]
+
+
+def encode_lockstep(text_encoder: PromptedTextEncoder, token_ids: Tensor,
+                    image_encoder: PromptedImageEncoder, images: Tensor,
+                    first_text_prompt: Tensor, first_image_prompt: Tensor,
+                    between_layers: BetweenLayers) -> Tuple[Tensor, Tensor]:
+    """Step both encoders layer by layer; `between_layers` couples them before each layer >= 1.
+
+    Returns (text features [C, E], image features [B, E]).
+    """
+    text = text_encoder.embed(token_ids, first_text_prompt)
+    image = image_encoder.embed(images, first_image_prompt)
+    for i in range(max(text_encoder.depth, image_encoder.depth)):
+        text_prompt = image_prompt = None
+        if i > 0:
+            text_prompt, image_prompt = between_layers(
+                i, text_encoder.prompt_states(text), image_encoder.prompt_states(image))
+        if i < text_encoder.depth:
+            text = text_encoder.run_layer(i, text, text_prompt)
+        if i < image_encoder.depth:
+            image = image_encoder.run_layer(i, image, image_prompt)
+    return text_encoder.features(text), image_encoder.features(image)
