@@ -1,0 +1,154 @@
+"""Datasets laid out as CoOp's DATASETS.md describes, read the way CoOp reads them.
+
+- `split_zhou_<Name>.json`: {"train"|"val"|"test": [[relative image path, label, class name], ...]}
+- few-shot subsets cached as `<dataset>/split_fewshot/shot_{K}-seed_{S}.pkl` (a pickle of
+  {"train": [Datum], "val": [Datum]} made by Dassl's `generate_fewshot_dataset`), so a cache made
+  by CoOp/MaPLe/PromptSRC is reused and the same seed selects the same images;
+- base/new: the first ceil(n/2) labels / the rest, relabelled from 0 (CoOp's subsample_classes).
+"""
+import json
+import math
+import os
+import pickle
+from typing import List, Sequence, Tuple
+
+from dassl.data.datasets import Datum, DatasetBase
+
+from vlprompt.io import OutputWriteError, atomic_write
+
+DATASETS_DOC = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset folder, split file or image is missing or malformed."""
+
+
+def require(path: str, what: str) -> str:
+    if not os.path.exists(path):
+        raise DatasetLayoutError(f"{path} not found: {what} (layout: {DATASETS_DOC}; "
+                                 f"the data root is --root / DATASET.ROOT).")
+    return path
+
+
+def make_datum(impath: str, label: int, classname: str, source: str) -> Datum:
+    if not os.path.isfile(impath):
+        raise DatasetLayoutError(f"image {impath} listed in {source} does not exist")
+    return Datum(impath=impath, label=int(label), classname=classname)
+
+
+def read_split_json(path: str, image_root: str) -> Tuple[List[Datum], List[Datum], List[Datum]]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            split = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise DatasetLayoutError(f"{path} is not valid JSON ({err}); re-download it ({DATASETS_DOC})") from err
+    out = []
+    for part in ("train", "val", "test"):
+        items = split.get(part) if isinstance(split, dict) else None
+        if not isinstance(items, list):
+            raise DatasetLayoutError(f"{path} has no '{part}' list; expected CoOp's split format "
+                                     f"{{'train': [[path, label, classname], ...], 'val': ..., 'test': ...}}")
+        data = []
+        for row, item in enumerate(items):
+            if not (isinstance(item, list) and len(item) == 3):
+                raise DatasetLayoutError(f"{path}: {part}[{row}] = {item!r} is not [path, label, classname]")
+            data.append(make_datum(os.path.join(image_root, item[0]), item[1], item[2], path))
+        out.append(data)
+    return tuple(out)
+
+
+def subsample_classes(*splits: Sequence[Datum], subsample: str = "all"):
+    """CoOp's base-to-new split: labels of the first split sorted, first ceil(n/2) = base."""
+    if subsample not in ("all", "base", "new"):
+        raise ValueError(f"DATASET.SUBSAMPLE_CLASSES={subsample!r} is invalid: must be all, base or new")
+    if subsample == "all":
+        return splits
+    labels = sorted({item.label for item in splits[0]})
+    half = math.ceil(len(labels) / 2)
+    selected = labels[:half] if subsample == "base" else labels[half:]
+    relabel = {old: new for new, old in enumerate(selected)}
+    return tuple(
+        [Datum(impath=item.impath, label=relabel[item.label], classname=item.classname)
+         for item in split if item.label in relabel]
+        for split in splits)
+
+
+class FewShotCache:
+    """`split_fewshot/shot_{K}-seed_{S}.pkl` next to the data, or in a writable fallback folder
+    when the dataset folder is read-only (shared storage)."""
+
+    def __init__(self, dataset_dir: str, fallback_root: str):
+        self.primary = os.path.join(dataset_dir, "split_fewshot")
+        name = os.path.basename(os.path.normpath(dataset_dir))
+        self.fallback = os.path.join(os.path.expanduser(fallback_root), "split_fewshot", name)
+
+    def _name(self, shots: int, seed: int) -> str:
+        return f"shot_{shots}-seed_{seed}.pkl"
+
+    def load(self, shots: int, seed: int):
+        for folder in (self.primary, self.fallback):
+            path = os.path.join(folder, self._name(shots, seed))
+            if os.path.isfile(path):
+                print(f"Loading preprocessed few-shot data from {path}")
+                with open(path, "rb") as handle:
+                    return pickle.load(handle)
+        return None
+
+    def save(self, data: dict, shots: int, seed: int) -> str:
+        payload = lambda handle: pickle.dump(data, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        path = os.path.join(self.primary, self._name(shots, seed))
+        try:
+            atomic_write(path, payload)
+        except OutputWriteError as err:
+            path = os.path.join(self.fallback, self._name(shots, seed))
+            print(f"Cannot write the few-shot cache next to the data ({err.__cause__}); "
+                  f"writing it to {path} instead")
+            atomic_write(path, payload)
+        print(f"Saving preprocessed few-shot data to {path}")
+        return path
+
+
+def few_shot_cache_root(cfg) -> str:
+    return cfg.MODEL.FEATURE_CACHE_DIR or os.environ.get("VLPROMPT_CACHE") or "~/.cache/vlprompt"
+
+
+class CoOpDataset(DatasetBase):
+    """Base of the CoOp-format datasets: subclasses name their folders and split file."""
+
+    dataset_dir = ""  # folder under the data root
+    image_dir = "images"  # image root inside dataset_dir ("" = dataset_dir itself)
+    split_file = ""  # split_zhou_<Name>.json inside dataset_dir
+    has_val = True  # ImageNet has none: its test set doubles as val
+
+    def __init__(self, cfg):
+        root = os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT))
+        self.dataset_dir = require(os.path.join(root, type(self).dataset_dir),
+                                   f"the folder of {type(self).__name__}")
+        self.image_dir = os.path.join(self.dataset_dir, type(self).image_dir)
+        train, val, test = self.read_splits()
+        train, val = self.few_shot(cfg, train, val)
+        if self.has_val:
+            train, val, test = subsample_classes(train, val, test, subsample=cfg.DATASET.SUBSAMPLE_CLASSES)
+        else:
+            train, test = subsample_classes(train, test, subsample=cfg.DATASET.SUBSAMPLE_CLASSES)
+            val = test
+        super().__init__(train_x=train, val=val, test=test)
+
+    def read_splits(self):
+        path = require(os.path.join(self.dataset_dir, self.split_file),
+                       f"CoOp's split file {self.split_file} for {type(self).__name__}")
+        return read_split_json(path, self.image_dir)
+
+    def few_shot(self, cfg, train, val):
+        shots = cfg.DATASET.NUM_SHOTS
+        if shots < 1:
+            return train, val
+        cache = FewShotCache(self.dataset_dir, few_shot_cache_root(cfg))
+        data = cache.load(shots, cfg.SEED)
+        if data is None:
+            train = self.generate_fewshot_dataset(train, num_shots=shots)
+            data = {"train": train}
+            if self.has_val:
+                data["val"] = self.generate_fewshot_dataset(val, num_shots=min(shots, 4))
+            cache.save(data, shots, cfg.SEED)
+        return data["train"], data.get("val", val)

@@ -1,0 +1,179 @@
+"""train.py --trainer HiCroPL with real Dassl on a tiny CoOp-format dataset and a tiny CLIP."""
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, requires_dassl
+
+pytestmark = requires_dassl
+
+TINY = ["INPUT.SIZE", "(32, 32)", "TRAINER.HICROPL.N_CTX", "4", "TRAINER.HICROPL.PROMPT_DEPTH", "3",
+        "TRAINER.HICROPL.CROSS_LAYER", "1", "DATALOADER.NUM_WORKERS", "0",
+        "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "DATALOADER.TEST.BATCH_SIZE", "5", "DATASET.NUM_SHOTS", "4"]
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    from datasets.synthetic import write_dataset
+    from vlprompt.clip_loading import save_random_clip
+    root = tmp_path_factory.mktemp("hicropl")
+    write_dataset(str(root / "data"), "Caltech101", n_classes=6, per_split=(4, 2, 3))
+    save_random_clip(str(root / "tiny_clip.pt"), "tiny")
+    return root
+
+
+def command(workspace, out, *extra, subsample="base", epochs=2, prec="fp32", eval_only_from=None):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--root", str(workspace / "data"),
+           "--seed", "1", "--trainer", "HiCroPL",
+           "--dataset-config-file", os.path.join(ROOT, "configs/datasets/caltech101.yaml"),
+           "--config-file", os.path.join(ROOT, "configs/trainers/HiCroPL/vit_b16_c2_ep50_batch32_16ctx.yaml"),
+           "--output-dir", str(out)]
+    if eval_only_from is not None:
+        cmd += ["--model-dir", str(eval_only_from), "--eval-only"]
+    options, opts = [a for a in extra if a.startswith("--")], [a for a in extra if not a.startswith("--")]
+    if "--load-epoch" in options:  # its value follows it
+        options.append(opts.pop(0))
+    return cmd + options + ["DATASET.SUBSAMPLE_CLASSES", subsample, "OPTIM.MAX_EPOCH", str(epochs),
+                            "TRAINER.HICROPL.PREC", prec, "MODEL.BACKBONE.PATH", str(workspace / "tiny_clip.pt"),
+                            "MODEL.FEATURE_CACHE_DIR", str(workspace / "cache"), *TINY, *opts]
+
+
+def run(cmd, expect_ok=True):
+    env = dict(os.environ, OUTDATED_IGNORE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def accuracies(stdout):
+    return [float(a) for a in re.findall(r"\* accuracy: ([\d.]+)%", stdout)]
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    out = workspace / "train_base"
+    proc = run(command(workspace, out))
+    return out, proc.stdout
+
+
+def test_training_saves_trainable_only_checkpoints(trained, workspace):
+    out, stdout = trained
+    folder = out / "VLPromptLearner"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint", "model-best.pth.tar", "model.pth.tar-2"]
+    state = torch.load(folder / "model-best.pth.tar", weights_only=True)  # no pickled objects
+    keys = set(state["state_dict"])
+    assert {k.split(".")[0] for k in keys} == {"text_prompts", "visual_prompts", "text_proxies",
+                                               "visual_proxies", "text_to_image", "image_to_text"}
+    trainable_bytes = sum(v.numel() * v.element_size() for v in state["state_dict"].values())
+    clip_bytes = os.path.getsize(workspace / "tiny_clip.pt")
+    assert os.path.getsize(folder / "model-best.pth.tar") < trainable_bytes + 200_000 < clip_bytes
+    assert "Finish training" in stdout and "Deploy the model with the best val performance" in stdout
+    assert len(accuracies(stdout)) == 3  # val after each epoch, then test
+    assert "prompt templates" in stdout  # which class-feature source was used is logged
+
+
+def test_new_classes_are_evaluated_from_the_base_checkpoint_twice_identically(trained, workspace):
+    model_dir, _ = trained
+    results = []
+    for attempt in range(2):
+        proc = run(command(workspace, workspace / f"test_new_{attempt}", subsample="new", eval_only_from=model_dir))
+        assert "* total: 9" in proc.stdout  # 3 new classes x 3 test images
+        results.append(accuracies(proc.stdout))
+    assert len(results[0]) == 1 and results[0] == results[1]
+    assert "class text features read from cache" in proc.stdout
+
+
+def test_eval_only_with_load_epoch_and_missing_checkpoint(trained, workspace):
+    model_dir, _ = trained
+    proc = run(command(workspace, workspace / "ep2", "--load-epoch", "2", eval_only_from=model_dir))
+    assert "model.pth.tar-2" in proc.stdout and len(accuracies(proc.stdout)) == 1
+    proc = run(command(workspace, workspace / "ep9", "--load-epoch", "9", eval_only_from=model_dir), expect_ok=False)
+    assert proc.returncode != 0 and "No checkpoint at" in proc.stderr and "model.pth.tar-9" in proc.stderr
+
+
+KILL_AFTER_FIRST_EPOCH = """
+import os, runpy, signal, sys
+import trainers.clip_prompt as glue
+original = glue.ClipPromptTrainer.after_epoch
+def after_epoch(self):
+    original(self)
+    if self.epoch == 0:
+        os.kill(os.getpid(), signal.SIGKILL)  # as a cluster job killed mid-run
+glue.ClipPromptTrainer.after_epoch = after_epoch
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_killed_run_resumes_to_the_same_result(workspace):
+    straight = workspace / "straight"
+    reference = run(command(workspace, straight, epochs=3))
+    resumed = workspace / "resumed"
+    cmd = command(workspace, resumed, epochs=3)
+    killed = run([sys.executable, "-c", KILL_AFTER_FIRST_EPOCH] + cmd[1:], expect_ok=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert (resumed / "VLPromptLearner" / "resume.pth.tar").exists()
+    again = run(cmd)
+    assert "Resuming from" in again.stdout and "after epoch 1" in again.stdout
+    last = "VLPromptLearner/model.pth.tar-3"
+    a = torch.load(straight / last, weights_only=True)["state_dict"]
+    b = torch.load(resumed / last, weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert accuracies(again.stdout)[-1] == accuracies(reference.stdout)[-1]
+    assert not (resumed / "VLPromptLearner" / "resume.pth.tar").exists()  # removed once finished
+    rerun = run(cmd)  # a finished run: nothing left to train, the final test again
+    assert "epoch [" not in rerun.stdout and accuracies(rerun.stdout)[-1] == accuracies(reference.stdout)[-1]
+
+
+@pytest.mark.parametrize("prec", ["fp16", "bf16", "amp"])
+def test_every_precision_trains_on_cpu(workspace, prec):
+    proc = run(command(workspace, workspace / f"prec_{prec}", epochs=1, prec=prec))
+    losses = [float(x) for x in re.findall(r" loss ([\d.]+) \(", proc.stdout)]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert (workspace / f"prec_{prec}" / "VLPromptLearner" / "model.pth.tar-1").exists()
+
+
+@pytest.mark.parametrize("opts,message", [
+    (["TRAINER.HICROPL.CROSS_LAYER", "0"], "TRAINER.HICROPL.CROSS_LAYER=0 is invalid"),
+    (["TRAINER.HICROPL.PROMPT_DEPTH", "13"], "TRAINER.HICROPL.PROMPT_DEPTH=13 is invalid"),
+    (["TRAINER.HICROPL.PREC", "fp8"], "TRAINER.HICROPL.PREC='fp8' is invalid"),
+    (["TRAINER.HICROPL.MAPPER_MODE", "copy"], "TRAINER.HICROPL.MAPPER_MODE='copy' is invalid"),
+    (["INPUT.SIZE", "(224, 224)"], "INPUT.SIZE=(224, 224) does not match"),
+])
+def test_bad_config_gives_a_clear_error(workspace, opts, message):
+    proc = run(command(workspace, workspace / "bad", *opts), expect_ok=False)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_missing_dataset_folder_names_the_path(workspace, tmp_path):
+    cmd = command(workspace, tmp_path / "out")
+    cmd[cmd.index("--root") + 1] = str(tmp_path / "nowhere")
+    proc = run(cmd, expect_ok=False)
+    assert proc.returncode != 0 and f"{tmp_path / 'nowhere' / 'caltech-101'} not found" in proc.stderr
+
+
+def test_release_checkpoint_folder_is_converted_on_load(trained, workspace):
+    """A `VLPromptLearner/model-best.pth.tar` written by the release evaluates with our trainer."""
+    from test_release_checkpoint import release_name
+    model_dir, _ = trained
+    ours = torch.load(model_dir / "VLPromptLearner" / "model-best.pth.tar", weights_only=True)
+    release = {f"prompt_learner.{release_name(k)}": v for k, v in ours["state_dict"].items()}
+    release["image_encoder.conv1.weight"] = torch.zeros(1)  # frozen towers are ignored
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    folder = workspace / "release_run" / "VLPromptLearner"
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": release, "epoch": 2, "val_result": 50.0,
+                "scheduler": {"successor": torch.optim.lr_scheduler.CosineAnnealingLR(opt, 5.0)}},
+               folder / "model-best.pth.tar")
+    refused = run(command(workspace, workspace / "rel_eval", eval_only_from=folder.parent), expect_ok=False)
+    assert refused.returncode != 0 and "TRUST_RELEASE_CHECKPOINT" in refused.stderr
+    proc = run(command(workspace, workspace / "rel_eval", "TRAINER.HICROPL.TRUST_RELEASE_CHECKPOINT", "True",
+                       eval_only_from=folder.parent))
+    direct = run(command(workspace, workspace / "our_eval", eval_only_from=model_dir))
+    assert accuracies(proc.stdout) == accuracies(direct.stdout)

@@ -1,0 +1,2 @@
+"""Dassl trainers, registered in TRAINER_REGISTRY on import."""
+from . import hicropl  # noqa: F401

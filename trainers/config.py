@@ -1,0 +1,38 @@
+"""Config keys this toolkit adds to Dassl's defaults (yacs), with the release's defaults."""
+from yacs.config import CfgNode as CN
+
+PRECISIONS = ("fp32", "fp16", "bf16", "amp")
+
+
+def extend_cfg(cfg: CN) -> CN:
+    # Adam's epsilon: the release's configs set it (1e-3); upstream Dassl has no such key.
+    cfg.OPTIM.EPS = 1e-8
+
+    # CLIP weights: by name (downloaded by the clip package) or a local file (offline nodes).
+    cfg.MODEL.BACKBONE.PATH = ""
+    cfg.MODEL.BACKBONE.DOWNLOAD_ROOT = ""  # "" = ~/.cache/clip
+    # On-disk cache of frozen features (class text features); "" = $VLPROMPT_CACHE or ~/.cache/vlprompt
+    cfg.MODEL.FEATURE_CACHE_DIR = ""
+
+    # CoOp's base-to-new protocol: all, base (first half of the labels) or new (second half).
+    cfg.DATASET.SUBSAMPLE_CLASSES = "all"
+    # Per-class descriptions for frozen class features, the release's gpt_file format:
+    # DESCRIPTIONS_FILE if set, else DESCRIPTIONS_DIR/<dataset key>_prompt.json if it exists,
+    # else prompt templates.
+    cfg.DATASET.DESCRIPTIONS_DIR = "gpt_file"
+    cfg.DATASET.DESCRIPTIONS_FILE = ""
+
+    cfg.TRAINER.HICROPL = CN()
+    cfg.TRAINER.HICROPL.N_CTX = 16  # prompt tokens per layer and modality
+    cfg.TRAINER.HICROPL.CTX_INIT = "a photo of a"  # used when it has >= N_CTX tokens
+    cfg.TRAINER.HICROPL.PROMPT_DEPTH = 12  # layers 0..PROMPT_DEPTH-1 carry prompts
+    cfg.TRAINER.HICROPL.CROSS_LAYER = 6  # layers < CROSS_LAYER: text->image; the rest image->text
+    cfg.TRAINER.HICROPL.LAMBD = 12.0  # weight of the distillation toward frozen CLIP
+    cfg.TRAINER.HICROPL.PREC = "fp16"  # fp32 | fp16 | bf16 | amp
+    cfg.TRAINER.HICROPL.MAPPER_MODE = "learned"  # learned | release (in-place, no gradient)
+    cfg.TRAINER.HICROPL.N_HEADS = 8  # heads of the proxies and mappers
+    # Exact shortcuts in the text encoder (cut at EOT, shared prefix); False = the release's way.
+    cfg.TRAINER.HICROPL.EXACT_SHORTCUTS = True
+    # Release checkpoints pickle a scheduler object: reading one needs full unpickling.
+    cfg.TRAINER.HICROPL.TRUST_RELEASE_CHECKPOINT = False
+    return cfg
