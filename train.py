@@ -1,10 +1,12 @@
 """Train or evaluate a prompt learner with Dassl: the CoOp / MaPLe command line."""
 import argparse
-import os
+import sys
 import warnings
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip / wilds imports
-os.environ.setdefault("OUTDATED_IGNORE", "1")  # Dassl imports wilds, whose version check needs the network
+# Dassl imports wilds, which starts a PyPI version check through `outdated` in a thread that
+# holds every run for seconds on an offline node; without `outdated` importable, wilds skips it.
+sys.modules.setdefault("outdated", None)
 
 import torch  # noqa: E402
 from dassl.config import get_cfg_default

@@ -144,11 +144,12 @@ def write_dataset(root: str, dataset: str, n_classes: int = 6, per_split=(4, 2, 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("root")
-    parser.add_argument("--dataset", default="Caltech101")
+    parser.add_argument("--dataset", nargs="+", default=["Caltech101"], help="Dassl dataset names")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--per-split", type=int, nargs=3, default=(8, 4, 6), metavar=("TRAIN", "VAL", "TEST"))
     args = parser.parse_args(argv)
-    print(write_dataset(args.root, args.dataset, args.classes, args.per_split))
+    for dataset in args.dataset:
+        print(write_dataset(args.root, dataset, args.classes, args.per_split))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-os.environ.setdefault("OUTDATED_IGNORE", "1")  # wilds' version check would reach for the network
+sys.modules.setdefault("outdated", None)  # as train.py: no PyPI version check from wilds
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))

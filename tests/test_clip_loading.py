@@ -47,7 +47,7 @@ def test_wrapped_and_dataparallel_state_dicts_are_accepted(tmp_path):
     assert model.visual.input_resolution == 32
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
 def test_jit_archive_loads(tmp_path):
     model = cl.random_clip("tiny", seed=4)
     images, tokens = torch.randn(1, 3, 32, 32), clip_api.tokenize(["a dog"])

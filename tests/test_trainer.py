@@ -44,7 +44,7 @@ def command(workspace, out, *extra, subsample="base", epochs=2, prec="fp32", eva
 
 
 def run(cmd, expect_ok=True):
-    env = dict(os.environ, OUTDATED_IGNORE="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -35,4 +35,8 @@ def extend_cfg(cfg: CN) -> CN:
     cfg.TRAINER.HICROPL.EXACT_SHORTCUTS = True
     # Release checkpoints pickle a scheduler object: reading one needs full unpickling.
     cfg.TRAINER.HICROPL.TRUST_RELEASE_CHECKPOINT = False
+
+    cfg.TRAINER.ZSCLIP = CN()
+    cfg.TRAINER.ZSCLIP.PREC = "fp16"
+    cfg.TRAINER.ZSCLIP.TEMPLATES = "dataset"  # dataset: one hand-written prompt | ensemble
     return cfg
