@@ -224,3 +224,20 @@ def test_bad_config_values_give_a_clear_error(tiny_clip, overrides, key):
 def test_class_prompt_too_long_for_context_is_a_clear_error(tiny_clip):
     with pytest.raises(ConfigError, match="N_CTX"):
         build(tiny_clip, classes=["word " * 70], n_ctx=6)
+
+
+def test_fast_and_release_style_paths_give_the_same_logits_and_loss(tiny_clip):
+    """Shortcuts, fused attention, one frozen encoder and the eval cache change cost, not results."""
+    from vlprompt.release_reference import ReleaseStyleHiCroPL
+    fast = build(tiny_clip)
+    fixed = fast.fixed_text_features
+    reference = ReleaseStyleHiCroPL(tiny_clip, HiCroPLConfig(n_ctx=4, prompt_depth=3, cross_layer=1), CLASSES, fixed)
+    reference.prompt_learner.load_state_dict(fast.prompt_learner.state_dict())
+    images, labels = images_for(fast), labels_for(6)
+    loss_fast, logits_fast, _ = fast.loss(images, labels)
+    loss_ref, logits_ref, _ = reference.loss(images, labels)
+    torch.testing.assert_close(logits_fast, logits_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_fast, loss_ref, atol=1e-6, rtol=1e-6)
+    with torch.no_grad(), fast.eval().evaluation(), reference.eval().evaluation():
+        torch.testing.assert_close(fast(images), reference(images), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in reference.teacher.parameters()) > 0  # the release's second tower

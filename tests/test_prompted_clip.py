@@ -7,39 +7,13 @@ import torch
 
 from vlprompt.clip_loading import cast_clip
 from vlprompt.prompted_clip import PromptedImageEncoder, PromptedTextEncoder, encode_lockstep
+from vlprompt.release_reference import CLIPBlocksImageEncoder, CLIPBlocksTextEncoder
 
 NAMES = ["dog.", "sports car.", "a very long class name with many many different tokens in it."]
 
 
 def placeholder_tokens(n, names=NAMES):
     return clip.tokenize([" ".join(["X"] * n) + " " + name for name in names])
-
-
-def reference_text(model, tokens, prompts):
-    """Prompted text features through CLIP's own blocks (LND layout, stored 77x77 mask)."""
-    n = prompts[0].shape[0]
-    x = model.token_embedding(tokens)
-    x = torch.cat([x[:, :1], prompts[0].expand(len(tokens), -1, -1), x[:, 1 + n:]], dim=1)
-    x = (x + model.positional_embedding).permute(1, 0, 2)
-    for i, block in enumerate(model.transformer.resblocks):
-        if 0 < i < len(prompts):
-            x = torch.cat([x[:1], prompts[i][:, None].expand(-1, x.shape[1], -1), x[1 + n:]], dim=0)
-        x = block(x)
-    x = model.ln_final(x.permute(1, 0, 2))
-    return x[torch.arange(len(tokens)), tokens.argmax(-1)] @ model.text_projection
-
-
-def reference_image(model, images, prompts):
-    v = model.visual
-    n = prompts[0].shape[0]
-    x = v.conv1(images).flatten(2).transpose(1, 2)
-    x = torch.cat([v.class_embedding.expand(len(images), 1, -1), x], dim=1) + v.positional_embedding
-    x = v.ln_pre(torch.cat([x, prompts[0].expand(len(images), -1, -1)], dim=1)).permute(1, 0, 2)
-    for i, block in enumerate(v.transformer.resblocks):
-        if 0 < i < len(prompts):
-            x = torch.cat([x[:-n], prompts[i][:, None].expand(-1, x.shape[1], -1)], dim=0)
-        x = block(x)
-    return v.ln_post(x.permute(1, 0, 2)[:, 0]) @ v.proj
 
 
 def images_for(model, batch=3, seed=0):
@@ -68,11 +42,11 @@ def test_deep_prompts_at_the_specified_positions(which, request):
     text_prompts = [torch.randn(n, model.ln_final.weight.shape[0], generator=gen) for _ in range(depth)]
     vis_prompts = [torch.randn(n, model.visual.ln_post.weight.shape[0], generator=gen) for _ in range(depth)]
     tokens, images = placeholder_tokens(n), images_for(model)
-    with torch.no_grad():
+    with torch.no_grad():  # against CLIP's own blocks, sequence-first, stored 77x77 mask
         torch.testing.assert_close(PromptedTextEncoder(model)(tokens, text_prompts),
-                                   reference_text(model, tokens, text_prompts), atol=1e-5, rtol=1e-5)
+                                   CLIPBlocksTextEncoder(model)(tokens, text_prompts), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(PromptedImageEncoder(model)(images, vis_prompts),
-                                   reference_image(model, images, vis_prompts), atol=1e-5, rtol=1e-5)
+                                   CLIPBlocksImageEncoder(model)(images, vis_prompts), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shared_prefix,cut", [(True, True), (False, True), (True, False)])

@@ -87,6 +87,8 @@ def test_new_classes_are_evaluated_from_the_base_checkpoint_twice_identically(tr
         results.append(accuracies(proc.stdout))
     assert len(results[0]) == 1 and results[0] == results[1]
     assert "class text features read from cache" in proc.stdout
+    assert re.search(r"frozen image features: \d+ cached in", proc.stdout)  # the first run's rows
+    assert " new, " not in proc.stdout  # nothing recomputed
 
 
 def test_eval_only_with_load_epoch_and_missing_checkpoint(trained, workspace):

@@ -5,24 +5,28 @@
 - optimizer from Dassl with OPTIM.EPS, schedule with Dassl's per-epoch values (schedule.py);
 - checkpoints that hold only the trainable module, written atomically, readable with
   torch.load(weights_only=True); the optimizer state lives in a separate resume file;
-- evaluation that encodes the classes once per pass (the model's `evaluation()` context).
+- evaluation that encodes the classes once per pass (the model's `evaluation()` context) and
+  reuses frozen image features of val/test images across passes, seeds and configs (on disk).
 
 A subclass implements `build_prompt_model()` returning (model, trainable module); the model
-provides `loss(images, labels) -> (loss, logits, parts)`, `forward(images) -> logits` and an
-`evaluation()` context manager.
+provides `loss(images, labels) -> (loss, logits, parts)`, `forward(images, zero_shot=None) ->
+logits`, `zero_shot_image_features(images)` and an `evaluation()` context manager.
 """
 import os
 import os.path as osp
 import random
 
 import numpy as np
+import PIL
 import torch
+import torchvision
 from dassl.engine import TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 
 from vlprompt.clip_loading import cast_clip, load_clip
-from vlprompt.io import atomic_torch_save, atomic_write_text, load_strict
+from vlprompt.feature_cache import ImageFeatureCache
+from vlprompt.io import atomic_torch_save, atomic_write_text, load_strict, tensors_fingerprint
 
 from .config import PRECISIONS
 from .schedule import build_lr_scheduler
@@ -116,15 +120,38 @@ class ClipPromptTrainer(TrainerX):
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
     # ---- evaluate --------------------------------------------------------------------------
+    feature_cache = None
+
+    def build_feature_cache(self):
+        """Frozen features of eval images, keyed by backbone weights + precision and transform."""
+        encoder = self.model.image_encoder
+        backbone = f"{tensors_fingerprint(encoder.state_dict().items())}|{self.precision}"
+        transform = (f"{self.test_loader.dataset.transform!r}|torchvision {torchvision.__version__}"
+                     f"|PIL {PIL.__version__}")
+        return ImageFeatureCache(feature_cache_dir(self.cfg), backbone, transform)
+
     @torch.no_grad()
     def test(self, split=None):
+        if self.feature_cache is None and self.cfg.TEST.CACHE_FROZEN_FEATURES:
+            self.feature_cache = self.build_feature_cache()
         self.set_model_mode("eval")
         self.model.eval()
-        with self.autocast(), self.model.evaluation():
-            return super().test(split)
+        try:
+            with self.autocast(), self.model.evaluation():
+                return super().test(split)
+        finally:
+            if self.feature_cache is not None:
+                self.feature_cache.save()
+
+    def parse_batch_test(self, batch):
+        self._batch_impaths = batch["impath"]
+        return super().parse_batch_test(batch)
 
     def model_inference(self, images):
-        return self.model(images)
+        if self.feature_cache is None:
+            return self.model(images)
+        zero_shot = self.feature_cache.features(self._batch_impaths, images, self.model.zero_shot_image_features)
+        return self.model(images, zero_shot=zero_shot)
 
     def after_epoch(self):
         super().after_epoch()

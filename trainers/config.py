@@ -14,6 +14,10 @@ def extend_cfg(cfg: CN) -> CN:
     # On-disk cache of frozen features (class text features); "" = $VLPROMPT_CACHE or ~/.cache/vlprompt
     cfg.MODEL.FEATURE_CACHE_DIR = ""
 
+    # Reuse frozen CLIP features of val/test images across evaluations, seeds and configs
+    # (cached in FEATURE_CACHE_DIR, keyed by backbone weights, test transform and image file).
+    cfg.TEST.CACHE_FROZEN_FEATURES = True
+
     # CoOp's base-to-new protocol: all, base (first half of the labels) or new (second half).
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"
     # Per-class descriptions for frozen class features, the release's gpt_file format:

@@ -1,5 +1,6 @@
 """Zero-shot CLIP: frozen image features against frozen class text features."""
 from contextlib import contextmanager
+from typing import Optional
 
 from torch import Tensor, nn
 
@@ -14,8 +15,11 @@ class ZeroShotCLIP(nn.Module):
         self.logit_scale = clip_model.logit_scale
         self.register_buffer("class_text_features", normalize(class_text_features.float()), persistent=False)
 
-    def forward(self, images: Tensor) -> Tensor:
-        image = normalize(self.image_encoder(images).float())
+    def zero_shot_image_features(self, images: Tensor) -> Tensor:
+        return normalize(self.image_encoder(images).float())
+
+    def forward(self, images: Tensor, zero_shot: Optional[Tensor] = None) -> Tensor:
+        image = self.zero_shot_image_features(images) if zero_shot is None else zero_shot
         return self.logit_scale.exp().float() * image @ self.class_text_features.t()
 
     @contextmanager

@@ -1,0 +1,101 @@
+"""The on-disk cache of frozen image features for evaluation images."""
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlprompt.clip_loading import random_clip
+from vlprompt.feature_cache import ImageFeatureCache
+from vlprompt.io import tensors_fingerprint
+from vlprompt.prompted_clip import PromptedImageEncoder
+
+
+def write_images(folder, n, seed=0):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"img_{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def load(paths):
+    return torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1).float() / 255 for p in paths])
+
+
+class Encoder:
+    """Frozen features with a count of the images it was asked to encode."""
+
+    def __init__(self, clip_model):
+        self.encoder, self.encoded = PromptedImageEncoder(clip_model), 0
+        self.key = tensors_fingerprint(self.encoder.state_dict().items())
+
+    def __call__(self, images):
+        self.encoded += len(images)
+        with torch.no_grad():
+            return self.encoder(images)
+
+
+@pytest.fixture
+def setting(tmp_path, tiny_clip):
+    paths = write_images(tmp_path, 6)
+    return tmp_path, paths, Encoder(tiny_clip)
+
+
+def test_cached_features_equal_fresh_ones_and_only_missing_rows_are_computed(setting):
+    folder, paths, encode = setting
+    cache = ImageFeatureCache(str(folder / "cache"), encode.key, "resize32")
+    first = cache.features(paths[:4], load(paths[:4]), encode)
+    assert encode.encoded == 4
+    mixed = cache.features(paths[2:], load(paths[2:]), encode)  # rows 2, 3 cached; 4, 5 new
+    assert encode.encoded == 6 and (cache.hits, cache.misses) == (2, 6)
+    fresh = encode(load(paths))
+    torch.testing.assert_close(torch.cat([first, mixed[2:]]), fresh, atol=1e-5, rtol=1e-5)
+    cache.save()
+    reloaded = ImageFeatureCache(str(folder / "cache"), encode.key, "resize32")  # a later run
+    before = encode.encoded
+    torch.testing.assert_close(reloaded.features(paths, load(paths), encode), fresh, atol=1e-5, rtol=1e-5)
+    assert encode.encoded == before
+
+
+def test_changed_image_file_is_recomputed(setting):
+    folder, paths, encode = setting
+    cache = ImageFeatureCache(str(folder / "cache"), encode.key, "resize32")
+    old = cache.features(paths, load(paths), encode)
+    cache.save()
+    time.sleep(0.01)
+    write_images(folder, 1, seed=42)  # img_0.png gets new content
+    os.utime(paths[0], ns=(time.time_ns(), time.time_ns()))
+    cache = ImageFeatureCache(str(folder / "cache"), encode.key, "resize32")
+    encode.encoded = 0
+    new = cache.features(paths, load(paths), encode)
+    assert encode.encoded == 1
+    assert not torch.allclose(new[0], old[0]) and torch.equal(new[1:], old[1:])
+
+
+def test_other_transform_or_backbone_uses_another_shard(setting):
+    folder, paths, encode = setting
+    cache = ImageFeatureCache(str(folder / "cache"), encode.key, "resize32")
+    cache.features(paths, load(paths), encode)
+    cache.save()
+    other_transform = ImageFeatureCache(str(folder / "cache"), encode.key, "resize32+flip")
+    other_backbone = Encoder(random_clip("tiny", seed=9))
+    assert other_backbone.key != encode.key
+    other = ImageFeatureCache(str(folder / "cache"), other_backbone.key, "resize32")
+    encode.encoded = 0
+    other_transform.features(paths, load(paths), encode)
+    assert encode.encoded == len(paths)
+    torch.testing.assert_close(other.features(paths, load(paths), other_backbone), other_backbone(load(paths)))
+    assert len(list((folder / "cache" / "image_features").glob("*.pt"))) == 1  # only the saved shard
+
+
+def test_without_a_directory_nothing_is_written(setting):
+    folder, paths, encode = setting
+    cache = ImageFeatureCache(None, encode.key, "t")
+    cache.features(paths, load(paths), encode)
+    cache.save()
+    assert not (folder / "cache").exists()

@@ -1,0 +1,68 @@
+"""On-disk cache of frozen image features for evaluation images.
+
+The test transform is deterministic, so the frozen encoder's feature of a val/test image depends
+only on the backbone weights (and compute precision), the transform and the image file. One
+shard per (backbone, transform); inside it one row per image, stamped with the file's size and
+modification time, so an edited image is recomputed. Later evaluations, seeds and configs that
+share backbone and transform reuse the rows.
+"""
+import hashlib
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .io import atomic_torch_save
+
+
+def file_stamp(path: str) -> str:
+    stat = os.stat(path)
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class ImageFeatureCache:
+    def __init__(self, directory: Optional[str], backbone_key: str, transform_key: str,
+                 report: Callable[[str], None] = print):
+        self.backbone_key, self.transform_key, self.report = backbone_key, transform_key, report
+        shard = hashlib.sha256(f"{backbone_key}\n{transform_key}".encode()).hexdigest()[:32]
+        self.path = (os.path.join(os.path.expanduser(directory), "image_features", f"{shard}.pt")
+                     if directory else None)
+        self.rows: Dict[str, Tuple[str, Tensor]] = {}  # real path -> (stamp, feature [E] fp32)
+        self.added = 0
+        self.hits = self.misses = 0
+        if self.path and os.path.isfile(self.path):
+            self._load()
+
+    def _load(self):
+        data = torch.load(self.path, map_location="cpu", weights_only=True)
+        if (data.get("backbone"), data.get("transform")) != (self.backbone_key, self.transform_key):
+            return  # a hash collision on the shard name: ignore the file
+        for path, stamp, feature in zip(data["paths"], data["stamps"], data["features"]):
+            self.rows[path] = (stamp, feature)
+        self.report(f"frozen image features: {len(self.rows)} cached in {self.path}")
+
+    def features(self, impaths: Sequence[str], images: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
+        """[B, E] features of `images` (whose files are `impaths`); computes only the missing rows."""
+        keys = [os.path.realpath(p) for p in impaths]
+        stamps = [file_stamp(p) for p in keys]
+        missing = [i for i, (k, s) in enumerate(zip(keys, stamps)) if self.rows.get(k, (None,))[0] != s]
+        if missing:
+            index = torch.tensor(missing, device=images.device)
+            fresh = compute(images.index_select(0, index)).float().cpu()
+            for row, i in enumerate(missing):
+                self.rows[keys[i]] = (stamps[i], fresh[row])
+            self.added += len(missing)
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        return torch.stack([self.rows[k][1] for k in keys]).to(images.device)
+
+    def save(self) -> None:
+        if not self.path or not self.added:
+            return
+        paths: List[str] = list(self.rows)
+        atomic_torch_save({"backbone": self.backbone_key, "transform": self.transform_key, "paths": paths,
+                           "stamps": [self.rows[p][0] for p in paths],
+                           "features": torch.stack([self.rows[p][1] for p in paths])}, self.path)
+        self.report(f"frozen image features: {self.added} new, {len(paths)} cached in {self.path}")
+        self.added = 0

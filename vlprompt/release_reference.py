@@ -1,0 +1,90 @@
+"""HiCroPL computed the way the official release computes it: the baseline of
+benchmarks/bench_hicropl.py and an oracle for tests.
+
+- text: all 77 tokens of every class through CLIP's own blocks (nn.MultiheadAttention with the
+  stored 77x77 causal mask, sequence-first), at every step;
+- a second copy of CLIP's image tower as the frozen teacher for zero-shot image features;
+- class text features recomputed for every test batch; no caches.
+The numbers are the same as `HiCroPL`'s up to float rounding; only the cost differs.
+"""
+import copy
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .hicropl import HiCroPL, normalize
+
+
+def _splice(x: Tensor, start: int, prompt: Tensor) -> Tensor:
+    """Sequence-first x [L, N, D]: positions start..start+n replaced by prompt [n, D]."""
+    n = prompt.shape[0]
+    prompt = prompt.to(x.dtype)[:, None].expand(-1, x.shape[1], -1)
+    return torch.cat([x[:start], prompt, x[start + n:]], dim=0)
+
+
+class CLIPBlocksTextEncoder(nn.Module):
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.token_embedding = clip_model.token_embedding
+        self.positional_embedding = clip_model.positional_embedding
+        self.blocks = clip_model.transformer.resblocks
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+
+    depth = property(lambda self: len(self.blocks))
+    width = property(lambda self: self.ln_final.weight.shape[0])
+    dtype = property(lambda self: self.text_projection.dtype)
+
+    def forward(self, token_ids: Tensor, prompts: Sequence[Tensor] = ()) -> Tensor:
+        x = self.token_embedding(token_ids).to(self.dtype).permute(1, 0, 2)  # [77, C, D]
+        if prompts:
+            x = _splice(x, 1, prompts[0])
+        x = x + self.positional_embedding.to(x.dtype)[:, None]
+        for i, block in enumerate(self.blocks):
+            if 0 < i < len(prompts):
+                x = _splice(x, 1, prompts[i])
+            x = block(x)
+        x = self.ln_final(x.permute(1, 0, 2))
+        return x[torch.arange(x.shape[0]), token_ids.argmax(dim=-1)] @ self.text_projection
+
+
+class CLIPBlocksImageEncoder(nn.Module):
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.visual = clip_model.visual
+
+    depth = property(lambda self: len(self.visual.transformer.resblocks))
+    width = property(lambda self: self.visual.ln_post.weight.shape[0])
+
+    def forward(self, images: Tensor, prompts: Sequence[Tensor] = ()) -> Tensor:
+        v = self.visual
+        x = v.conv1(images.to(v.conv1.weight.dtype)).flatten(2).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        n = prompts[0].shape[0] if prompts else 0
+        if prompts:
+            x = torch.cat([x, prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+        x = v.ln_pre(x).permute(1, 0, 2)  # [L, B, D]
+        for i, block in enumerate(v.transformer.resblocks):
+            if 0 < i < len(prompts):
+                x = _splice(x, x.shape[0] - n, prompts[i])
+            x = block(x)
+        return v.ln_post(x[0]) @ v.proj
+
+
+class ReleaseStyleHiCroPL(HiCroPL):
+    def __init__(self, clip_model: nn.Module, *args, **kwargs):
+        super().__init__(clip_model, *args, **kwargs)
+        self.text_encoder = CLIPBlocksTextEncoder(clip_model)
+        self.image_encoder = CLIPBlocksImageEncoder(clip_model)
+        self.teacher = copy.deepcopy(clip_model.visual)  # the release loads CLIP's image tower twice
+
+    def zero_shot_image_features(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return normalize(self.teacher(images.to(self.teacher.conv1.weight.dtype)).float())
+
+    @contextmanager
+    def evaluation(self):
+        yield  # nothing cached: class text features are recomputed for every batch
