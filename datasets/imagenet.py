@@ -82,24 +82,17 @@ class ImageNetVariant(DatasetBase):
         return read_class_folders(self.image_dir, classnames, type(self).__name__)
 
 
-@DATASET_REGISTRY.register()
-class ImageNetSketch(ImageNetVariant):
-    dataset_dir = "imagenet-sketch"
-    image_dir = "images"
-
-
-@DATASET_REGISTRY.register()
-class ImageNetA(ImageNetVariant):
-    """200 of the 1000 classes; label = index of the class folder in sorted order."""
-    dataset_dir = "imagenet-adversarial"
-    image_dir = "imagenet-a"
-
-
-@DATASET_REGISTRY.register()
-class ImageNetR(ImageNetVariant):
-    """200 of the 1000 classes; label = index of the class folder in sorted order."""
-    dataset_dir = "imagenet-rendition"
-    image_dir = "imagenet-r"
+# variants whose class folders are WordNet ids: (folder under the root, image folder inside it).
+# A and R hold 200 of the 1000 classes; label = index of the class folder in sorted order.
+WNID_FOLDER_VARIANTS = {
+    "ImageNetSketch": ("imagenet-sketch", "images"),
+    "ImageNetA": ("imagenet-adversarial", "imagenet-a"),
+    "ImageNetR": ("imagenet-rendition", "imagenet-r"),
+}
+for _name, (_folder, _images) in WNID_FOLDER_VARIANTS.items():
+    DATASET_REGISTRY.register(type(_name, (ImageNetVariant,), {
+        "dataset_dir": _folder, "image_dir": _images, "__module__": __name__,
+        "__doc__": f"<root>/{_folder}/{_images}/<wnid>/ images, <root>/{_folder}/classnames.txt"}))
 
 
 @DATASET_REGISTRY.register()

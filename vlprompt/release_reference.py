@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .hicropl import HiCroPL, normalize
+from .prompted_clip import PromptedImageEncoder, PromptedTextEncoder
 
 
 def _splice(x: Tensor, start: int, prompt: Tensor) -> Tensor:
@@ -24,18 +25,8 @@ def _splice(x: Tensor, start: int, prompt: Tensor) -> Tensor:
     return torch.cat([x[:start], prompt, x[start + n:]], dim=0)
 
 
-class CLIPBlocksTextEncoder(nn.Module):
-    def __init__(self, clip_model: nn.Module):
-        super().__init__()
-        self.token_embedding = clip_model.token_embedding
-        self.positional_embedding = clip_model.positional_embedding
-        self.blocks = clip_model.transformer.resblocks
-        self.ln_final = clip_model.ln_final
-        self.text_projection = clip_model.text_projection
-
-    depth = property(lambda self: len(self.blocks))
-    width = property(lambda self: self.ln_final.weight.shape[0])
-    dtype = property(lambda self: self.text_projection.dtype)
+class CLIPBlocksTextEncoder(PromptedTextEncoder):
+    """Same weights and interface; forward as the release: 77 tokens, CLIP's blocks and mask."""
 
     def forward(self, token_ids: Tensor, prompts: Sequence[Tensor] = ()) -> Tensor:
         x = self.token_embedding(token_ids).to(self.dtype).permute(1, 0, 2)  # [77, C, D]
@@ -50,28 +41,22 @@ class CLIPBlocksTextEncoder(nn.Module):
         return x[torch.arange(x.shape[0]), token_ids.argmax(dim=-1)] @ self.text_projection
 
 
-class CLIPBlocksImageEncoder(nn.Module):
-    def __init__(self, clip_model: nn.Module):
-        super().__init__()
-        self.visual = clip_model.visual
-
-    depth = property(lambda self: len(self.visual.transformer.resblocks))
-    width = property(lambda self: self.visual.ln_post.weight.shape[0])
+class CLIPBlocksImageEncoder(PromptedImageEncoder):
+    """Same weights and interface; forward as the release: sequence-first through CLIP's blocks."""
 
     def forward(self, images: Tensor, prompts: Sequence[Tensor] = ()) -> Tensor:
-        v = self.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype)).flatten(2).permute(0, 2, 1)
-        cls = v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = self.conv1(images.to(self.dtype)).flatten(2).permute(0, 2, 1)
+        cls = self.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         n = prompts[0].shape[0] if prompts else 0
         if prompts:
             x = torch.cat([x, prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
-        x = v.ln_pre(x).permute(1, 0, 2)  # [L, B, D]
-        for i, block in enumerate(v.transformer.resblocks):
+        x = self.ln_pre(x).permute(1, 0, 2)  # [L, B, D]
+        for i, block in enumerate(self.blocks):
             if 0 < i < len(prompts):
                 x = _splice(x, x.shape[0] - n, prompts[i])
             x = block(x)
-        return v.ln_post(x[0]) @ v.proj
+        return self.ln_post(x[0]) @ self.proj
 
 
 class ReleaseStyleHiCroPL(HiCroPL):
