@@ -179,3 +179,35 @@ def test_release_checkpoint_folder_is_converted_on_load(trained, workspace):
                        eval_only_from=folder.parent))
     direct = run(command(workspace, workspace / "our_eval", eval_only_from=model_dir))
     assert accuracies(proc.stdout) == accuracies(direct.stdout)
+
+
+def test_command_line_seed_zero_is_a_seed():
+    import train
+    args = train.build_parser().parse_args(["--seed", "0", "--trainer", "HiCroPL", "OPTIM.MAX_EPOCH", "3"])
+    cfg = train.setup_cfg(args)
+    assert cfg.SEED == 0 and cfg.OPTIM.MAX_EPOCH == 3
+    assert train.setup_cfg(train.build_parser().parse_args([])).SEED == -1  # unset stays unset
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # stepping the schedule alone
+def test_trainer_uses_optim_eps_and_dassls_schedule(workspace, tmp_path):
+    """In process: Adam gets OPTIM.EPS (upstream Dassl ignores the key) and the first epoch runs
+    at the constant warm-up lr."""
+    import train
+    from dassl.engine import build_trainer
+    cmd = command(workspace, tmp_path / "inproc")
+    cfg = train.setup_cfg(train.build_parser().parse_args(cmd[2:]))
+    trainer = build_trainer(cfg)
+    assert {g["eps"] for g in trainer.optim.param_groups} == {1e-3}
+    assert trainer.optim.param_groups[0]["lr"] == pytest.approx(1e-5)
+    trainer.sched.step()
+    assert trainer.optim.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+
+
+def test_last_step_final_model(workspace):
+    out = workspace / "last_step"
+    proc = run(command(workspace, out, "TEST.FINAL_MODEL", "last_step"))
+    assert "Deploy the last-epoch model" in proc.stdout and "Evaluate on the *val* set" not in proc.stdout
+    assert sorted(p.name for p in (out / "VLPromptLearner").iterdir()) == ["checkpoint", "model.pth.tar-2"]
+    evaluated = run(command(workspace, workspace / "last_step_eval", eval_only_from=out))
+    assert "model.pth.tar-2" in evaluated.stdout  # no model-best: the latest checkpoint

@@ -3,6 +3,8 @@
 Every function returns an unmodified `clip.model.CLIP`; prompt methods wrap it from outside.
 """
 import os
+import warnings
+import zipfile
 from typing import Optional
 
 import torch
@@ -45,12 +47,21 @@ def resolve_checkpoint(name: str, path: str = "", download_root: Optional[str] =
             f"(a JIT archive or a plain state dict).") from err
 
 
+def is_torchscript_archive(path: str) -> bool:
+    """OpenAI ships JIT archives: zip files holding TorchScript code and constants."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
 def read_state_dict(path: str) -> dict:
     """Weights from an OpenAI JIT archive or a (possibly wrapped) plain state dict."""
-    try:
-        return dict(torch.jit.load(path, map_location="cpu").state_dict())
-    except RuntimeError:
-        pass  # not a TorchScript archive: a pickled state dict
+    if is_torchscript_archive(path):
+        with warnings.catch_warnings():  # deprecated in torch 2.x, yet the only reader of these files
+            warnings.simplefilter("ignore", FutureWarning)
+            return dict(torch.jit.load(path, map_location="cpu").state_dict())
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
