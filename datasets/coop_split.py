@@ -118,21 +118,31 @@ class CoOpDataset(DatasetBase):
     dataset_dir = ""  # folder under the data root
     image_dir = "images"  # image root inside dataset_dir ("" = dataset_dir itself)
     split_file = ""  # split_zhou_<Name>.json inside dataset_dir
-    has_val = True  # ImageNet has none: its test set doubles as val
+    # "own": a validation split of its own; "test": the test set doubles as val (ImageNet, as in
+    # CoOp); "none": no validation split (RAF-DB)
+    val_split = "own"
+    all_classnames = ()  # set by datasets whose label set is fixed (the seven emotions)
 
     def __init__(self, cfg):
+        self.cfg = cfg
         root = os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT))
         self.dataset_dir = require(os.path.join(root, type(self).dataset_dir),
                                    f"the folder of {type(self).__name__}")
         self.image_dir = os.path.join(self.dataset_dir, type(self).image_dir)
         train, val, test = self.read_splits()
         train, val = self.few_shot(cfg, train, val)
-        if self.has_val:
-            train, val, test = subsample_classes(train, val, test, subsample=cfg.DATASET.SUBSAMPLE_CLASSES)
+        subsample = cfg.DATASET.SUBSAMPLE_CLASSES
+        if self.val_split == "own":
+            train, val, test = subsample_classes(train, val, test, subsample=subsample)
         else:
-            train, test = subsample_classes(train, test, subsample=cfg.DATASET.SUBSAMPLE_CLASSES)
-            val = test
+            train, test = subsample_classes(train, test, subsample=subsample)
+            val = test if self.val_split == "test" else None
         super().__init__(train_x=train, val=val, test=test)
+        if self.all_classnames and subsample == "all":
+            # a fixed vocabulary: all classes count even if a small split lacks some of them
+            self._classnames = list(self.all_classnames)
+            self._lab2cname = dict(enumerate(self.all_classnames))
+            self._num_classes = len(self.all_classnames)
 
     def read_splits(self):
         path = require(os.path.join(self.dataset_dir, self.split_file),
@@ -148,7 +158,7 @@ class CoOpDataset(DatasetBase):
         if data is None:
             train = self.generate_fewshot_dataset(train, num_shots=shots)
             data = {"train": train}
-            if self.has_val:
+            if self.val_split == "own":
                 data["val"] = self.generate_fewshot_dataset(val, num_shots=min(shots, 4))
             cache.save(data, shots, cfg.SEED)
         return data["train"], data.get("val", val)

@@ -45,7 +45,7 @@ class ImageNet(CoOpDataset):
 
     dataset_dir = "imagenet"
     image_dir = "images"
-    has_val = False
+    val_split = "test"
 
     def read_splits(self):
         preprocessed = os.path.join(self.dataset_dir, "preprocessed.pkl")

@@ -127,6 +127,43 @@ def write_imagenet_variant(root: str, variant: str, classnames: Sequence[str], c
     return base
 
 
+FER_USAGE_OF_SPLIT = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
+
+
+def write_fer2013(root: str, counts: Dict[str, int], n_classes: int = 7) -> str:
+    """fer2013.csv as Kaggle ships it: emotion, pixels (48x48 grey values), Usage."""
+    base = os.path.join(root, "fer2013")
+    os.makedirs(base, exist_ok=True)
+    lines = ["emotion,pixels,Usage\n"]
+    for part in SPLITS:
+        for i in range(counts[part]):
+            for label in range(n_classes):
+                face = np.asarray(class_image(label, n_classes, SPLITS.index(part) * 100 + i, 48).convert("L"))
+                lines.append(f"{label},{' '.join(map(str, face.flatten()))},{FER_USAGE_OF_SPLIT[part]}\n")
+    with open(os.path.join(base, "fer2013.csv"), "w") as handle:
+        handle.write("".join(lines))
+    return base
+
+
+def write_rafdb(root: str, counts: Dict[str, int], n_classes: int = 7) -> str:
+    """RAF-DB basic: Image/aligned/<split>_NNNNN_aligned.jpg (100x100) + EmoLabel list (labels 1-7)."""
+    base = os.path.join(root, "RAF-DB", "basic")
+    lines = []
+    for part in ("train", "test"):
+        number = 0
+        for i in range(counts[part]):
+            for label in range(n_classes):
+                number += 1
+                name = f"{part}_{number:05d}.jpg"
+                _save(class_image(label, n_classes, SPLITS.index(part) * 100 + i, 100),
+                      os.path.join(base, "Image", "aligned", name.replace(".jpg", "_aligned.jpg")))
+                lines.append(f"{name} {label + 1}\n")
+    os.makedirs(os.path.join(base, "EmoLabel"), exist_ok=True)
+    with open(os.path.join(base, "EmoLabel", "list_patition_label.txt"), "w") as handle:
+        handle.write("".join(lines))
+    return base
+
+
 def write_dataset(root: str, dataset: str, n_classes: int = 6, per_split=(4, 2, 3)) -> str:
     classnames = default_classnames(n_classes)
     counts = dict(zip(SPLITS, per_split))
@@ -136,6 +173,10 @@ def write_dataset(root: str, dataset: str, n_classes: int = 6, per_split=(4, 2, 
         return write_fgvc_aircraft(root, [c.replace("_", "-") for c in classnames], counts)
     if dataset == "ImageNet":
         return write_imagenet(root, [c.replace("_", " ") for c in classnames], counts["train"], counts["test"])
+    if dataset == "FER2013":
+        return write_fer2013(root, counts, min(n_classes, 7))
+    if dataset == "RAFDB":
+        return write_rafdb(root, counts, min(n_classes, 7))
     if dataset in IMAGENET_VARIANTS:
         return write_imagenet_variant(root, dataset, [c.replace("_", " ") for c in classnames], counts["test"])
     raise KeyError(f"no synthetic writer for dataset {dataset!r}")

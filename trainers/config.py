@@ -25,6 +25,8 @@ def extend_cfg(cfg: CN) -> CN:
     # else prompt templates.
     cfg.DATASET.DESCRIPTIONS_DIR = "gpt_file"
     cfg.DATASET.DESCRIPTIONS_FILE = ""
+    # RAF-DB's labels: "raf" (its own order) or "fer" (FER-2013's, for cross-dataset tests)
+    cfg.DATASET.RAF_LABEL_ORDER = "raf"
 
     cfg.TRAINER.HICROPL = CN()
     cfg.TRAINER.HICROPL.N_CTX = 16  # prompt tokens per layer and modality
@@ -39,6 +41,14 @@ def extend_cfg(cfg: CN) -> CN:
     cfg.TRAINER.HICROPL.EXACT_SHORTCUTS = True
     # Release checkpoints pickle a scheduler object: reading one needs full unpickling.
     cfg.TRAINER.HICROPL.TRUST_RELEASE_CHECKPOINT = False
+
+    cfg.TRAINER.EDGECNN = CN()
+    cfg.TRAINER.EDGECNN.IMAGE_SIZE = 48  # faces are resized to this, then cropped to INPUT.SIZE
+    cfg.TRAINER.EDGECNN.TEN_CROP = True  # test on the ten crops, logits averaged
+    cfg.TRAINER.EDGECNN.GRAD_CLAMP = 0.1  # element-wise gradient clamp (0 = off)
+    cfg.TRAINER.EDGECNN.DECAY_START = 80  # lr constant up to this epoch,
+    cfg.TRAINER.EDGECNN.DECAY_EVERY = 5  # then multiplied by DECAY_RATE every DECAY_EVERY epochs
+    cfg.TRAINER.EDGECNN.DECAY_RATE = 0.9
 
     cfg.TRAINER.ZSCLIP = CN()
     cfg.TRAINER.ZSCLIP.PREC = "fp16"

@@ -37,8 +37,8 @@ DATASET_TEMPLATES = {
     "ImageNetV2": "a photo of a {}.",
     "ImageNetA": "a photo of a {}.",
     "ImageNetR": "a photo of a {}.",
-    "FER2013": "a photo of a {} looking face.",
-    "RAFDB": "a photo of a {} looking face.",
+    "FER2013": "a photo of a face looking {}.",
+    "RAFDB": "a photo of a face looking {}.",
 }
 
 

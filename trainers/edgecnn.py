@@ -1,0 +1,125 @@
+"""Dassl backbone `edgecnn` and trainer `EdgeCNN`: the release's recipe for facial expressions.
+
+Cross-entropy; SGD (OPTIM.*); lr constant up to epoch DECAY_START, then x DECAY_RATE every
+DECAY_EVERY epochs; element-wise gradient clamp; random 44 crop of the 48 px face + flip for
+training, and the ten-crop test (corners, centre and their flips) with averaged logits.
+"""
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from dassl.data import DataManager
+from dassl.engine import TRAINER_REGISTRY
+from dassl.engine.trainer import SimpleNet
+from dassl.metrics import compute_accuracy
+from dassl.modeling import BACKBONE_REGISTRY, Backbone
+from dassl.optim import build_optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from vlprompt.edgecnn import EdgeCNN as EdgeCNNNet, ten_crop_logits
+
+from .checkpointing import CheckpointedTrainer
+from .schedule import EpochTable
+
+
+class EdgeCNNBackbone(Backbone):
+    def __init__(self):
+        super().__init__()
+        self.net = EdgeCNNNet(num_classes=0)
+        self._out_features = self.net.out_features
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@BACKBONE_REGISTRY.register()
+def edgecnn(pretrained=False, **kwargs):
+    if pretrained:
+        print("edgecnn: no pretrained weights exist; training from scratch (set MODEL.BACKBONE.PRETRAINED False)")
+    return EdgeCNNBackbone()
+
+
+class StackCrops:
+    """TenCrop's tuple of PIL crops -> [10, 3, h, w] tensor."""
+
+    def __call__(self, crops):
+        return torch.stack([T.functional.to_tensor(crop) for crop in crops])
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+def train_transform(cfg):
+    """Resize to IMAGE_SIZE (a no-op on FER's 48 px faces), random INPUT.SIZE crop, flip; [0, 1] pixels."""
+    return T.Compose([T.Resize(cfg.TRAINER.EDGECNN.IMAGE_SIZE), T.RandomCrop(cfg.INPUT.SIZE),
+                      T.RandomHorizontalFlip(), T.ToTensor()])
+
+
+def test_transform(cfg):
+    resize = T.Resize(cfg.TRAINER.EDGECNN.IMAGE_SIZE)
+    if cfg.TRAINER.EDGECNN.TEN_CROP:
+        return T.Compose([resize, T.TenCrop(cfg.INPUT.SIZE), StackCrops()])
+    return T.Compose([resize, T.CenterCrop(cfg.INPUT.SIZE), T.ToTensor()])
+
+
+def step_decay_factors(max_epoch: int, start: int, every: int, rate: float):
+    """The release's schedule: factor 1 up to epoch `start`, then rate ** ((epoch - start) // every)."""
+    return [rate ** ((epoch - start) // every) if epoch > start else 1.0 for epoch in range(max_epoch)]
+
+
+@TRAINER_REGISTRY.register()
+class EdgeCNN(CheckpointedTrainer):
+    def check_cfg(self, cfg):
+        node = cfg.TRAINER.EDGECNN
+        checks = [
+            ("IMAGE_SIZE", node.IMAGE_SIZE >= max(cfg.INPUT.SIZE), f">= the crop INPUT.SIZE {tuple(cfg.INPUT.SIZE)}"),
+            ("GRAD_CLAMP", node.GRAD_CLAMP >= 0, ">= 0 (0 disables the clamp)"),
+            ("DECAY_START", node.DECAY_START >= 0, ">= 0"),
+            ("DECAY_EVERY", node.DECAY_EVERY >= 1, ">= 1"),
+            ("DECAY_RATE", 0 < node.DECAY_RATE <= 1, "in (0, 1]"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"TRAINER.EDGECNN.{key}={node[key]!r} is invalid: must be {allowed}")
+
+    def build_data_loader(self):
+        dm = DataManager(self.cfg, custom_tfm_train=train_transform(self.cfg),
+                         custom_tfm_test=test_transform(self.cfg))
+        self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u
+        self.val_loader, self.test_loader = dm.val_loader, dm.test_loader
+        self.num_classes, self.num_source_domains = dm.num_classes, dm.num_source_domains
+        self.lab2cname, self.dm = dm.lab2cname, dm
+
+    def build_model(self):
+        cfg = self.cfg
+        self.model = SimpleNet(cfg, cfg.MODEL, self.num_classes)
+        torch.nn.init.zeros_(self.model.classifier.bias)  # as the backbone's own linear layers
+        self.model.to(self.device)
+        print(f"EdgeCNN parameters: {sum(p.numel() for p in self.model.parameters()):,}")
+        self.optim = build_optimizer(self.model, cfg.OPTIM)
+        node = cfg.TRAINER.EDGECNN
+        factors = step_decay_factors(cfg.OPTIM.MAX_EPOCH, node.DECAY_START, node.DECAY_EVERY, node.DECAY_RATE)
+        self.sched = LambdaLR(self.optim, lr_lambda=[EpochTable(factors) for _ in self.optim.param_groups])
+        self.register_model("model", self.model, self.optim, self.sched)
+
+    def forward_backward(self, batch):
+        images, labels = self.parse_batch_train(batch)
+        logits = self.model(images)
+        loss = F.cross_entropy(logits, labels)
+        self.optim.zero_grad()
+        self.detect_anomaly(loss)
+        loss.backward()
+        clamp = self.cfg.TRAINER.EDGECNN.GRAD_CLAMP
+        if clamp > 0:  # element-wise, as the release
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    param.grad.clamp_(-clamp, clamp)
+        self.optim.step()
+        if (self.batch_idx + 1) == self.num_batches:
+            self.update_lr()
+        return {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item()}
+
+    def parse_batch_train(self, batch):
+        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    def model_inference(self, images):
+        return ten_crop_logits(self.model, images) if images.dim() == 5 else self.model(images)

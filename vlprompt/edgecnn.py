@@ -1,0 +1,82 @@
+"""EdgeCNN (Yang et al., arXiv 1909.13522): a small-input CNN for facial expression recognition
+on devices with slow memory access. Plain 3x3 convolutions in dense layers (no group
+convolutions, no 1x1 bottlenecks), 44x44 inputs. See shared/docs/edgecnn.md.
+
+The toolkit's sibling system: CLIP prompt learning and EdgeCNN run on the same emotion datasets.
+"""
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+EMOTIONS_FER = ("angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral")
+
+
+class DenseLayer(nn.Module):
+    """conv Cin->4g 3x3 + BN + ReLU, conv 4g->g 3x3 + BN; the output is concatenated to the input."""
+
+    def __init__(self, in_channels: int, growth: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 4 * growth, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4 * growth)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4 * growth, growth, kernel_size=3, padding=1)
+        self.bn2 = nn.BatchNorm2d(growth)
+
+    def forward(self, x: Tensor) -> Tensor:
+        new = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return torch.cat([x, new], dim=1)
+
+
+class EdgeCNN(nn.Module):
+    """[B, 3, H, W] -> logits [B, num_classes] (or features [B, 152] when num_classes == 0).
+
+    Stem conv 3->32 + max-pool /2; stages of 4, 4, 7 dense layers (growth 8) separated by 2x2
+    average pools; ReLU, global average pool, linear. 418,487 parameters with 7 classes.
+    """
+
+    def __init__(self, num_classes: int = 7, stem_channels: int = 32, growth: int = 8,
+                 stages: Sequence[int] = (4, 4, 7)):
+        super().__init__()
+        layers = [nn.Conv2d(3, stem_channels, kernel_size=3, stride=1, padding=1),
+                  nn.MaxPool2d(kernel_size=3, stride=2, padding=1)]
+        channels = stem_channels
+        for index, depth in enumerate(stages):
+            if index > 0:
+                layers.append(nn.AvgPool2d(kernel_size=2, stride=2))
+            for _ in range(depth):
+                layers.append(DenseLayer(channels, growth))
+                channels += growth
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_features = channels
+        self.classifier = nn.Linear(channels, num_classes) if num_classes else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The release's intended initialisation (its loop over named_parameters never matched a
+        module, so PyTorch's defaults were used): He-normal convolutions (fan-out), unit BN,
+        zero linear bias."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.pool(self.features(x))
+        return features if self.classifier is None else self.classifier(features)
+
+
+def ten_crop_logits(model: nn.Module, crops: Tensor) -> Tensor:
+    """crops [B, 10, 3, h, w] (corners, centre and their flips) -> logits averaged over crops."""
+    batch, n_crops = crops.shape[:2]
+    logits = model(crops.flatten(0, 1))
+    return logits.view(batch, n_crops, -1).mean(dim=1)
