@@ -8,24 +8,19 @@ features and distilled toward them. See shared/docs/hicropl.md for the equations
 import math
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from clip import clip as clip_api
 from clip.model import QuickGELU
 from torch import Tensor, nn
 
-from .class_features import readable_name
 from .prompted_clip import PromptedImageEncoder, PromptedTextEncoder
+from .text_prompts import (ConfigError, check_field_types, check_n_ctx, class_token_ids,  # noqa: F401
+                           initial_context, normalize)
 
 MAPPER_MODES = ("learned", "release")
-CONTEXT_LENGTH = 77
-
-
-class ConfigError(ValueError):
-    """An invalid HiCroPL setting; the message names the config key and the allowed values."""
 
 
 @dataclass(frozen=True)
@@ -47,17 +42,9 @@ class HiCroPLConfig:
         def fail(name, allowed):
             raise ConfigError(f"{self.key(name)}={getattr(self, name)!r} is invalid: {allowed}")
 
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type is str:
-                ok = isinstance(value, str)
-            else:  # int or float; bool is an int subclass but never a valid number here
-                ok = isinstance(value, (int, float) if f.type is float else int) and not isinstance(value, bool)
-            if not ok:
-                fail(f.name, f"expected {f.type.__name__}, got {type(value).__name__}")
+        check_field_types(self, self.key)
+        check_n_ctx(self.n_ctx, self.key("n_ctx"))
         layers = min(text_depth, vision_depth)
-        if not 1 <= self.n_ctx <= CONTEXT_LENGTH - 4:
-            fail("n_ctx", f"must be in [1, {CONTEXT_LENGTH - 4}] (the text context holds 77 tokens)")
         if not 2 <= self.prompt_depth <= layers:
             fail("prompt_depth", f"must be in [2, {layers}]: both flows need a layer, and this backbone "
                                  f"has {text_depth} text and {vision_depth} vision layers")
@@ -69,31 +56,6 @@ class HiCroPLConfig:
             fail("mapper_mode", f"must be one of {MAPPER_MODES}")
         if self.n_heads < 1 or text_width % self.n_heads or vision_width % self.n_heads:
             fail("n_heads", f"must divide both prompt widths ({text_width} text, {vision_width} vision)")
-
-
-def ctx_init_words(ctx_init: str) -> int:
-    """Number of tokens CTX_INIT occupies (between SOS and EOT)."""
-    tokens = clip_api.tokenize(ctx_init.replace("_", " "), truncate=True)[0]
-    return int(tokens.argmax()) - 1
-
-
-def initial_context(token_embedding: nn.Embedding, cfg: HiCroPLConfig) -> Tuple[Optional[Tensor], str]:
-    """First-layer text context and the words that reserve its positions.
-
-    CTX_INIT seeds the context with its first N_CTX word embeddings when it has at least N_CTX
-    tokens; its remaining words stay as fixed tokens, as in the release. Otherwise the context
-    is random (returns None) and the positions are reserved by 'X' placeholders.
-    """
-    words = cfg.ctx_init.replace("_", " ").strip()
-    if words:
-        tokens = clip_api.tokenize(words, truncate=True)
-        if int(tokens[0].argmax()) - 1 > CONTEXT_LENGTH - 4:
-            raise ConfigError(f"{cfg.key('ctx_init')} is too long for the 77-token context")
-        if cfg.n_ctx <= ctx_init_words(words):
-            with torch.no_grad():
-                embedding = token_embedding(tokens.to(token_embedding.weight.device))
-            return embedding[0, 1:1 + cfg.n_ctx].float().cpu().clone(), words
-    return None, " ".join(["X"] * cfg.n_ctx)
 
 
 class KnowledgeProxy(nn.Module):
@@ -207,16 +169,14 @@ class HiCroPLPromptLearner(nn.Module):
         return list(self.text_prompts), list(self.visual_prompts)
 
 
-def normalize(x: Tensor) -> Tensor:
-    return x / x.norm(dim=-1, keepdim=True)
-
-
 class HiCroPL(nn.Module):
     """Frozen CLIP + HiCroPL prompts; logits for a set of classes.
 
     The class set (token ids and frozen class text features t_fix) is state outside the learned
     parameters: `set_classes` retargets a trained model to new classes.
     """
+
+    uses_frozen_image_features = True  # its frozen image features can be cached for evaluation
 
     def __init__(self, clip_model: nn.Module, cfg: HiCroPLConfig, classnames: Sequence[str],
                  fixed_text_features: Tensor, exact_shortcuts: bool = True):
@@ -228,7 +188,8 @@ class HiCroPL(nn.Module):
                      self.text_encoder.width, self.image_encoder.width)
         self.cfg = cfg
         self.logit_scale = clip_model.logit_scale
-        first_context, self.prompt_prefix = initial_context(clip_model.token_embedding, cfg)
+        first_context, self.prompt_prefix = initial_context(clip_model.token_embedding, cfg.n_ctx, cfg.ctx_init,
+                                                            cfg.key("ctx_init"))
         self.prompt_learner = HiCroPLPromptLearner(
             cfg, self.text_encoder.width, self.image_encoder.width, first_context)
         self._eval_cache: Optional[Tuple[Tensor, List[Tensor]]] = None
@@ -238,12 +199,7 @@ class HiCroPL(nn.Module):
     def set_classes(self, classnames: Sequence[str], fixed_text_features: Tensor) -> None:
         if fixed_text_features.shape[0] != len(classnames):
             raise ValueError(f"{fixed_text_features.shape[0]} class features for {len(classnames)} classes")
-        prompts = [f"{self.prompt_prefix} {readable_name(c)}." for c in classnames]
-        try:
-            token_ids = clip_api.tokenize(prompts)
-        except RuntimeError as err:
-            raise ConfigError(f"a class prompt does not fit CLIP's 77 tokens with "
-                              f"{self.cfg.key('n_ctx')}={self.cfg.n_ctx}: {err}") from err
+        token_ids = class_token_ids(self.prompt_prefix, classnames, self.cfg.key("n_ctx"), self.cfg.n_ctx)
         device = self.logit_scale.device
         self.classnames = list(classnames)
         # not persistent: checkpoints hold learned state only, classes are rebuilt on load

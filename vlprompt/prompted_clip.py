@@ -8,10 +8,10 @@ Positions (as in VPT-deep / MaPLe / HiCroPL):
 A layer given no prompt keeps what the previous layer produced at those positions.
 
 Each encoder exposes embed / run_layer / prompt_states / features so that a method can step
-both encoders in lockstep and exchange information between layers (`encode_lockstep`).
+several streams in lockstep and exchange information between layers (`run_lockstep`).
 """
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -171,6 +171,13 @@ class PromptedImageEncoder(nn.Module):
             x = torch.cat([x, _as_batch(prompt.to(x.dtype), x.shape[0])], dim=1)
         return ImageState(tokens=self.ln_pre(x), n_prompt=n)
 
+    def embed_prompts_only(self, prompt: Tensor) -> ImageState:
+        """An image-free stream: CLS (with its position) and the prompt tokens, no patches.
+        Its prompt states depend on the learned prompts alone, never on the images of a batch."""
+        cls = (self.class_embedding + self.positional_embedding[0]).to(self.dtype).view(1, 1, -1)
+        tokens = torch.cat([cls, _as_batch(prompt.to(self.dtype), 1)], dim=1)
+        return ImageState(tokens=self.ln_pre(tokens), n_prompt=prompt.shape[-2])
+
     def run_layer(self, i: int, state: ImageState, prompt: Prompt = None) -> ImageState:
         x = state.tokens
         if prompt is not None:
@@ -204,28 +211,35 @@ def _check_depth(prompts: Sequence[Prompt], depth: int, which: str) -> Sequence[
     return prompts
 
 
-# between_layers(i, text_prompt_states [P, n, dt], image_prompt_states [B, n, dv])
-#   -> (text prompt or None, image prompt or None) entering layer i
-BetweenLayers = Callable[[int, Tensor, Tensor], Tuple[Prompt, Prompt]]
+Encoder = Union[PromptedTextEncoder, PromptedImageEncoder]
+State = Union[TextState, ImageState]
+# between_layers(i, [prompt states of each stream]) -> [prompt entering layer i, or None, per stream]
+BetweenLayers = Callable[[int, List[Tensor]], Sequence[Prompt]]
+
+
+def run_lockstep(encoders: Sequence[Encoder], states: Sequence[State], between_layers: BetweenLayers) -> List[State]:
+    """Step several streams (text, images, ...) layer by layer; before each layer i >= 1,
+    `between_layers` sees every stream's prompt states and returns each stream's new prompts.
+    Streams of different depths (ViT-L: 24 vision, 12 text layers) stop at their own depth."""
+    states = list(states)
+    for i in range(max(e.depth for e in encoders)):
+        prompts = [None] * len(states)
+        if i > 0:
+            prompts = between_layers(i, [e.prompt_states(s) for e, s in zip(encoders, states)])
+        for k, (encoder, prompt) in enumerate(zip(encoders, prompts)):
+            if i < encoder.depth:
+                states[k] = encoder.run_layer(i, states[k], prompt)
+    return states
 
 
 def encode_lockstep(text_encoder: PromptedTextEncoder, token_ids: Tensor,
                     image_encoder: PromptedImageEncoder, images: Tensor,
                     first_text_prompt: Tensor, first_image_prompt: Tensor,
-                    between_layers: BetweenLayers) -> Tuple[Tensor, Tensor]:
-    """Step both encoders layer by layer; `between_layers` couples them before each layer >= 1.
-
-    Returns (text features [C, E], image features [B, E]).
-    """
-    text = text_encoder.embed(token_ids, first_text_prompt)
-    image = image_encoder.embed(images, first_image_prompt)
-    for i in range(max(text_encoder.depth, image_encoder.depth)):
-        text_prompt = image_prompt = None
-        if i > 0:
-            text_prompt, image_prompt = between_layers(
-                i, text_encoder.prompt_states(text), image_encoder.prompt_states(image))
-        if i < text_encoder.depth:
-            text = text_encoder.run_layer(i, text, text_prompt)
-        if i < image_encoder.depth:
-            image = image_encoder.run_layer(i, image, image_prompt)
+                    between_layers: Callable[[int, Tensor, Tensor], Tuple[Prompt, Prompt]]) -> Tuple[Tensor, Tensor]:
+    """Text and images in lockstep; between_layers(i, text states [P, n, dt], image states
+    [B, n, dv]) -> (text prompt, image prompt) entering layer i. Returns (text [C, E], image [B, E])."""
+    text, image = run_lockstep(
+        (text_encoder, image_encoder),
+        (text_encoder.embed(token_ids, first_text_prompt), image_encoder.embed(images, first_image_prompt)),
+        lambda i, states: between_layers(i, *states))
     return text_encoder.features(text), image_encoder.features(image)
