@@ -3,7 +3,7 @@
 # toolkit's folder), DATA and OUTPUT.
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ $(($# - 2)) -lt "$1" ]; then
-    echo "usage: DATA=/path/to/datasets bash $0 $2 [CONFIG OPTIONS...]" >&2
+    echo "usage: DATA=/path/to/datasets bash ${USAGE_NAME:-$0} $2 [CONFIG OPTIONS...]" >&2
     exit 2
 fi
 if [ -z "${DATA:-}" ]; then

@@ -52,7 +52,7 @@ def test_base2new_layout_skip_and_resume(env):
     train_dir = root / "output/base2new/train_base/caltech101/shots_16/HiCroPL/demo_tiny_clip/seed1"
     test_dir = root / "output/base2new/test_new/caltech101/shots_16/HiCroPL/demo_tiny_clip/seed1"
     premature = script(env, "hicropl/base2new_test.sh", "caltech101", "1", ok=False)
-    assert premature.returncode == 1 and "run base2new_train.sh caltech101 1 first" in premature.stderr
+    assert premature.returncode == 1 and "run scripts/hicropl/base2new_train.sh caltech101 1 first" in premature.stderr
     train_dir.mkdir(parents=True)
     (train_dir / "log.txt").write_text("epoch [1/12] ...\n")  # a run killed before it finished
     first = script(env, "hicropl/base2new_train.sh", "caltech101", "1")
@@ -86,3 +86,14 @@ def test_zero_shot_rows_sit_beside_trained_methods(env):
     import parse_test_res as ptr
     rows, _, _ = ptr.base2new_summary(str(root / "output/base2new"), trainer="ZeroshotCLIP", out=lambda *_: None)
     assert rows[0]["dataset"] == "eurosat" and rows[0]["base"] is not None and rows[0]["new"] is not None
+
+
+def test_dcp_scripts_share_the_task_layouts(env):
+    root = env[0]
+    script(env, "dcp/few_shot.sh", "eurosat", "2", "1")
+    run_dir = root / "output/eurosat/DCP/demo_tiny_clip_2shots/seed1"
+    assert (run_dir / "MultiModalPromptLearner" / "model.pth.tar-4").exists()
+    assert "skipping" in script(env, "dcp/few_shot.sh", "eurosat", "2", "1").stdout
+    import parse_test_res as ptr
+    result = ptr.parse_seeds(str(run_dir.parent), ptr.TRAIN_END, out=lambda *_: None)
+    assert result["n"] == 1
