@@ -27,3 +27,14 @@ def tiny_clip():
 def tiny_l_clip():
     from vlprompt.clip_loading import random_clip
     return random_clip("tiny-L", seed=1)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """A tiny CoOp-format dataset (Caltech101 layout, 6 classes) and a tiny random CLIP file."""
+    from datasets.synthetic import write_dataset
+    from vlprompt.clip_loading import save_random_clip
+    root = tmp_path_factory.mktemp("workspace")
+    write_dataset(str(root / "data"), "Caltech101", n_classes=6, per_split=(4, 2, 3))
+    save_random_clip(str(root / "tiny_clip.pt"), "tiny")
+    return root

@@ -17,16 +17,6 @@ TINY = ["INPUT.SIZE", "(32, 32)", "TRAINER.HICROPL.N_CTX", "4", "TRAINER.HICROPL
         "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "DATALOADER.TEST.BATCH_SIZE", "5", "DATASET.NUM_SHOTS", "4"]
 
 
-@pytest.fixture(scope="session")
-def workspace(tmp_path_factory):
-    from datasets.synthetic import write_dataset
-    from vlprompt.clip_loading import save_random_clip
-    root = tmp_path_factory.mktemp("hicropl")
-    write_dataset(str(root / "data"), "Caltech101", n_classes=6, per_split=(4, 2, 3))
-    save_random_clip(str(root / "tiny_clip.pt"), "tiny")
-    return root
-
-
 def command(workspace, out, *extra, subsample="base", epochs=2, prec="fp32", eval_only_from=None):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--root", str(workspace / "data"),
            "--seed", "1", "--trainer", "HiCroPL",

@@ -1,2 +1,2 @@
 """Dassl trainers, registered in TRAINER_REGISTRY on import."""
-from . import edgecnn, hicropl, zsclip  # noqa: F401
+from . import dcp, edgecnn, hicropl, zsclip  # noqa: F401

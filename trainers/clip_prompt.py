@@ -126,7 +126,8 @@ class ClipPromptTrainer(CheckpointedTrainer):
 
     @torch.no_grad()
     def test(self, split=None):
-        if self.feature_cache is None and self.cfg.TEST.CACHE_FROZEN_FEATURES:
+        if (self.feature_cache is None and self.cfg.TEST.CACHE_FROZEN_FEATURES
+                and getattr(self.model, "uses_frozen_image_features", False)):
             self.feature_cache = self.build_feature_cache()
         self.set_model_mode("eval")
         self.model.eval()

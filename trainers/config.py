@@ -42,6 +42,18 @@ def extend_cfg(cfg: CN) -> CN:
     # Release checkpoints pickle a scheduler object: reading one needs full unpickling.
     cfg.TRAINER.HICROPL.TRUST_RELEASE_CHECKPOINT = False
 
+    # DCP (Findings ACL 2023); TRAINER.CMPA: the same keys under the release's trainer name, with
+    # the release's behaviour as defaults.
+    for node, fusing, text_update in (("DCP", "none", True), ("CMPA", "mean", False)):
+        cfg.TRAINER[node] = CN()
+        cfg.TRAINER[node].N_CTX = 16
+        cfg.TRAINER[node].CTX_INIT = "a photo of a"  # used when it has >= N_CTX tokens
+        cfg.TRAINER[node].PROMPT_DEPTH = 9  # CMPA updates enter layers 1..PROMPT_DEPTH
+        cfg.TRAINER[node].PS = True  # one CMPA module for all layers (False: one per layer)
+        cfg.TRAINER[node].FUSING = fusing  # none (per image, batch-independent) | mean | first | max
+        cfg.TRAINER[node].TEXT_UPDATE = text_update  # splice the text update in (the release does not)
+        cfg.TRAINER[node].PREC = "fp16"
+
     cfg.TRAINER.EDGECNN = CN()
     cfg.TRAINER.EDGECNN.IMAGE_SIZE = 48  # faces are resized to this, then cropped to INPUT.SIZE
     cfg.TRAINER.EDGECNN.TEN_CROP = True  # test on the ten crops, logits averaged

@@ -9,6 +9,8 @@ from .prompted_clip import PromptedImageEncoder
 
 
 class ZeroShotCLIP(nn.Module):
+    uses_frozen_image_features = True  # its frozen image features can be cached for evaluation
+
     def __init__(self, clip_model: nn.Module, class_text_features: Tensor):
         super().__init__()
         self.image_encoder = PromptedImageEncoder(clip_model)
