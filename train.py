@@ -10,7 +10,7 @@ sys.modules.setdefault("outdated", None)
 
 import torch  # noqa: E402
 from dassl.config import get_cfg_default
-from dassl.engine import build_trainer
+from dassl.engine import TRAINER_REGISTRY, build_trainer
 from dassl.utils import collect_env_info, set_random_seed, setup_logger
 
 import datasets  # noqa: F401  registers the CoOp datasets
@@ -73,6 +73,9 @@ def main(args):
     print("Collecting env info ...")
     print(f"** System info **\n{collect_env_info()}\n")
 
+    if cfg.TRAINER.NAME not in TRAINER_REGISTRY.registered_names():
+        raise SystemExit(f"--trainer / TRAINER.NAME={cfg.TRAINER.NAME!r} is not a registered trainer: use one of "
+                         f"{sorted(TRAINER_REGISTRY.registered_names())}")
     trainer = build_trainer(cfg)
     if args.eval_only:
         trainer.load_model(args.model_dir, epoch=args.load_epoch)

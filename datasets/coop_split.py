@@ -127,7 +127,7 @@ class CoOpDataset(DatasetBase):
         self.cfg = cfg
         root = os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT))
         self.dataset_dir = require(os.path.join(root, type(self).dataset_dir),
-                                   f"the folder of {type(self).__name__}")
+                                   f"the folder of DATASET.NAME={type(self).__name__}")
         self.image_dir = os.path.join(self.dataset_dir, type(self).image_dir)
         train, val, test = self.read_splits()
         train, val = self.few_shot(cfg, train, val)

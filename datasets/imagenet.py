@@ -72,7 +72,8 @@ class ImageNetVariant(DatasetBase):
 
     def __init__(self, cfg):
         root = os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT))
-        self.dataset_dir = require(os.path.join(root, type(self).dataset_dir), f"the folder of {type(self).__name__}")
+        self.dataset_dir = require(os.path.join(root, type(self).dataset_dir),
+                                   f"the folder of DATASET.NAME={type(self).__name__}")
         self.image_dir = os.path.join(self.dataset_dir, type(self).image_dir)
         classnames = read_classnames(os.path.join(self.dataset_dir, "classnames.txt"))
         data = self.read_data(classnames)

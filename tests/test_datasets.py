@@ -134,7 +134,7 @@ def test_base_new_split_is_coops(tmp_path, n_classes):
 def test_missing_folder_split_file_and_image_name_the_path(tmp_path):
     from datasets.coop_split import DatasetLayoutError
     from datasets.synthetic import write_dataset
-    with pytest.raises(DatasetLayoutError, match=f"{tmp_path / 'food-101'} not found: the folder of Food101"):
+    with pytest.raises(DatasetLayoutError, match=f"{tmp_path / 'food-101'} not found: the folder of DATASET.NAME=Food101"):
         build(tmp_path, "Food101")
     folder = write_dataset(str(tmp_path), "Food101", 3, (1, 1, 1))
     split_file = os.path.join(folder, "split_zhou_Food101.json")

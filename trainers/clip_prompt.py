@@ -3,7 +3,7 @@
 - precision: fp32, fp16 and bf16 (frozen CLIP in that dtype, trainable state in fp32) and amp
   (autocast + GradScaler), on CPU and GPU;
 - optimizer from Dassl with OPTIM.EPS, schedule with Dassl's per-epoch values (schedule.py);
-- checkpoints that hold only the trainable module (checkpointing.py);
+- checkpoints that hold only the trainable module (robust_trainer.py);
 - evaluation that encodes the classes once per pass (the model's `evaluation()` context) and
   reuses frozen image features of val/test images across passes, seeds and configs (on disk).
 
@@ -23,7 +23,7 @@ from vlprompt.clip_loading import cast_clip, load_clip
 from vlprompt.feature_cache import ImageFeatureCache
 from vlprompt.io import tensors_fingerprint
 
-from .checkpointing import CheckpointedTrainer
+from .robust_trainer import RobustTrainer
 from .config import PRECISIONS
 from .schedule import build_lr_scheduler
 
@@ -34,7 +34,7 @@ def feature_cache_dir(cfg) -> str:
     return cfg.MODEL.FEATURE_CACHE_DIR or os.environ.get("VLPROMPT_CACHE") or "~/.cache/vlprompt"
 
 
-class ClipPromptTrainer(CheckpointedTrainer):
+class ClipPromptTrainer(RobustTrainer):
     """Dassl TrainerX for a prompt model over frozen CLIP; subclasses set METHOD and NAME."""
 
     METHOD = ""  # config node under TRAINER, e.g. "HICROPL"
@@ -50,6 +50,7 @@ class ClipPromptTrainer(CheckpointedTrainer):
         return self.method_cfg.PREC
 
     def check_cfg(self, cfg):
+        super().check_cfg(cfg)
         prec = cfg.TRAINER[self.METHOD].PREC
         if prec not in PRECISIONS:
             raise ValueError(f"TRAINER.{self.METHOD}.PREC={prec!r} is invalid: must be one of {PRECISIONS}")
@@ -98,11 +99,9 @@ class ClipPromptTrainer(CheckpointedTrainer):
             loss, logits, parts = self.model.loss(images, labels)
         self.optim.zero_grad()
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optim)
-            self.scaler.update()
+            self.scaled_step(loss, self.optim)
         else:
-            self.detect_anomaly(loss)
+            self.stop_if_not_finite(loss, self.precision)
             loss.backward()
             self.optim.step()
         summary = {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item(), **parts}

@@ -14,6 +14,10 @@ def extend_cfg(cfg: CN) -> CN:
     # On-disk cache of frozen features (class text features); "" = $VLPROMPT_CACHE or ~/.cache/vlprompt
     cfg.MODEL.FEATURE_CACHE_DIR = ""
 
+    # Unreadable images stop the run with their path; True leaves them out with a warning
+    # (every image is then decoded once when the loaders are built).
+    cfg.DATALOADER.SKIP_BROKEN_IMAGES = False
+
     # Reuse frozen CLIP features of val/test images across evaluations, seeds and configs
     # (cached in FEATURE_CACHE_DIR, keyed by backbone weights, test transform and image file).
     cfg.TEST.CACHE_FROZEN_FEATURES = True

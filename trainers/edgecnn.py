@@ -7,7 +7,6 @@ training, and the ten-crop test (corners, centre and their flips) with averaged 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from dassl.data import DataManager
 from dassl.engine import TRAINER_REGISTRY
 from dassl.engine.trainer import SimpleNet
 from dassl.metrics import compute_accuracy
@@ -17,8 +16,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vlprompt.edgecnn import EdgeCNN as EdgeCNNNet, ten_crop_logits
 
-from .checkpointing import CheckpointedTrainer
+from .robust_trainer import RobustTrainer
 from .schedule import EpochTable
+
+
+MAX_IMAGE_SIZE = 512  # EdgeCNN is built for small faces; larger inputs are a typo, not a setting
 
 
 class EdgeCNNBackbone(Backbone):
@@ -67,11 +69,13 @@ def step_decay_factors(max_epoch: int, start: int, every: int, rate: float):
 
 
 @TRAINER_REGISTRY.register()
-class EdgeCNN(CheckpointedTrainer):
+class EdgeCNN(RobustTrainer):
     def check_cfg(self, cfg):
+        super().check_cfg(cfg)
         node = cfg.TRAINER.EDGECNN
         checks = [
-            ("IMAGE_SIZE", node.IMAGE_SIZE >= max(cfg.INPUT.SIZE), f">= the crop INPUT.SIZE {tuple(cfg.INPUT.SIZE)}"),
+            ("IMAGE_SIZE", max(cfg.INPUT.SIZE) <= node.IMAGE_SIZE <= MAX_IMAGE_SIZE,
+             f"in [the crop INPUT.SIZE {max(cfg.INPUT.SIZE)}, {MAX_IMAGE_SIZE}]"),
             ("GRAD_CLAMP", node.GRAD_CLAMP >= 0, ">= 0 (0 disables the clamp)"),
             ("DECAY_START", node.DECAY_START >= 0, ">= 0"),
             ("DECAY_EVERY", node.DECAY_EVERY >= 1, ">= 1"),
@@ -82,12 +86,8 @@ class EdgeCNN(CheckpointedTrainer):
                 raise ValueError(f"TRAINER.EDGECNN.{key}={node[key]!r} is invalid: must be {allowed}")
 
     def build_data_loader(self):
-        dm = DataManager(self.cfg, custom_tfm_train=train_transform(self.cfg),
-                         custom_tfm_test=test_transform(self.cfg))
-        self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u
-        self.val_loader, self.test_loader = dm.val_loader, dm.test_loader
-        self.num_classes, self.num_source_domains = dm.num_classes, dm.num_source_domains
-        self.lab2cname, self.dm = dm.lab2cname, dm
+        super().build_data_loader(custom_tfm_train=train_transform(self.cfg),
+                                  custom_tfm_test=test_transform(self.cfg))
 
     def build_model(self):
         cfg = self.cfg
@@ -106,7 +106,7 @@ class EdgeCNN(CheckpointedTrainer):
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels)
         self.optim.zero_grad()
-        self.detect_anomaly(loss)
+        self.stop_if_not_finite(loss, "fp32")
         loss.backward()
         clamp = self.cfg.TRAINER.EDGECNN.GRAD_CLAMP
         if clamp > 0:  # element-wise, as the release

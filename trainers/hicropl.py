@@ -3,7 +3,7 @@ import os.path as osp
 
 from dassl.engine import TRAINER_REGISTRY
 
-from vlprompt.class_features import ClassFeatureStore, frozen_class_features
+from vlprompt.class_features import ClassFeatureStore, DescriptionsError, frozen_class_features
 from vlprompt.hicropl import (HiCroPL as HiCroPLModel, HiCroPLConfig, convert_release_state_dict,
                               load_release_checkpoint)
 from vlprompt.io import load_strict
@@ -53,9 +53,11 @@ class HiCroPL(ClipPromptTrainer):
         check_input_size(cfg, clip_model)
         classnames = self.dm.dataset.classnames
         # frozen class features in fp32, before the backbone is cast to the run's precision
-        fixed = frozen_class_features(PromptedTextEncoder(clip_model), classnames,
-                                      descriptions_path(cfg),
-                                      store=ClassFeatureStore(feature_cache_dir(cfg), report=print))
+        try:
+            fixed = frozen_class_features(PromptedTextEncoder(clip_model), classnames, descriptions_path(cfg),
+                                          store=ClassFeatureStore(feature_cache_dir(cfg), report=print))
+        except DescriptionsError as err:
+            raise DescriptionsError(f"{err} (set by DATASET.DESCRIPTIONS_FILE / DATASET.DESCRIPTIONS_DIR)") from err
         self.to_compute_precision(clip_model)
         model = HiCroPLModel(clip_model, hicropl_config(cfg), classnames, fixed,
                              exact_shortcuts=cfg.TRAINER.HICROPL.EXACT_SHORTCUTS)

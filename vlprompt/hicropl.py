@@ -21,6 +21,7 @@ from .text_prompts import (ConfigError, check_field_types, check_n_ctx, class_to
                            initial_context, normalize)
 
 MAPPER_MODES = ("learned", "release")
+MAX_LAMBD = 1e4  # beyond this the distillation term alone overflows fp16 losses
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ class HiCroPLConfig:
                                  f"has {text_depth} text and {vision_depth} vision layers")
         if not 1 <= self.cross_layer <= self.prompt_depth - 1:
             fail("cross_layer", f"must be in [1, PROMPT_DEPTH-1] = [1, {self.prompt_depth - 1}]")
-        if not (math.isfinite(self.lambd) and self.lambd >= 0):
-            fail("lambd", "must be a finite number >= 0")
+        if not (math.isfinite(self.lambd) and 0 <= self.lambd <= MAX_LAMBD):
+            fail("lambd", f"must be in [0, {MAX_LAMBD:g}] (the paper uses 12)")
         if self.mapper_mode not in MAPPER_MODES:
             fail("mapper_mode", f"must be one of {MAPPER_MODES}")
         if self.n_heads < 1 or text_width % self.n_heads or vision_width % self.n_heads:

@@ -1,5 +1,11 @@
-"""Checkpoints for Dassl trainers on current PyTorch: atomic, trainable-state only, readable
-with torch.load(weights_only=True), and an exact resume.
+"""The base of our Dassl trainers: runs that survive faults and stop clearly.
+
+- checkpoints: atomic, trainable state only, readable with torch.load(weights_only=True), and
+  an exact resume after a kill;
+- data: an unreadable image stops the run with its path, or is left out on request
+  (robust_data.py);
+- a non-finite loss stops the run with the step, the precision and what to try, instead of
+  training on garbage; amp's skipped steps are counted in the log.
 
 Dassl's own save/load pickle whole models and scheduler objects and write in place; here the
 registered modules' state goes to Dassl's usual file names (`<name>/model-best.pth.tar`,
@@ -13,18 +19,72 @@ import random
 
 import numpy as np
 import torch
+from dassl.data.datasets import DATASET_REGISTRY
 from dassl.engine import TrainerX
 
 from vlprompt.io import atomic_torch_save, atomic_write_text, load_strict
+
+from .robust_data import build_data_manager
 
 CHECKPOINT_FORMAT = "vlprompt-trainable-1"
 RESUME_FILE = "resume.pth.tar"
 
 
-class CheckpointedTrainer(TrainerX):
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+PRECISION_ADVICE = {
+    "fp16": "fp16 overflows easily: use PREC amp (loss scaling) or fp32",
+    "bf16": "try PREC fp32 or amp",
+    "fp32": "lower OPTIM.LR, or check the data and the loss weights",
+}
+
+
+class RobustTrainer(TrainerX):
     scaler = None  # a torch.amp.GradScaler when the trainer uses one
+    amp_skipped = 0  # optimizer steps the scaler skipped this epoch
+
+    def check_cfg(self, cfg):
+        super().check_cfg(cfg)
+        names = DATASET_REGISTRY.registered_names()
+        if cfg.DATASET.NAME not in names:
+            raise ValueError(f"DATASET.NAME={cfg.DATASET.NAME!r} is not a registered dataset: use one of "
+                             f"{sorted(names)} (or a configs/datasets/*.yaml file)")
+
+    def build_data_loader(self, **custom_transforms):
+        dm = build_data_manager(self.cfg, **custom_transforms)
+        self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u
+        self.val_loader, self.test_loader = dm.val_loader, dm.test_loader
+        self.num_classes, self.num_source_domains = dm.num_classes, dm.num_source_domains
+        self.lab2cname, self.dm = dm.lab2cname, dm
+
+    def stop_if_not_finite(self, loss, precision: str) -> None:
+        if torch.isfinite(loss).all():
+            return
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, batch {self.batch_idx + 1} "
+            f"with precision {precision}: {PRECISION_ADVICE.get(precision, 'try fp32')}. The run stopped "
+            f"instead of training on it; rerunning the same command resumes after the last finished epoch.")
+
+    def scaled_step(self, loss, optimizer) -> None:
+        """amp: backward and step through the scaler, counting the steps it skips (inf/NaN
+        gradients make it skip the step and lower its scale, which is normal, not fatal)."""
+        scale = self.scaler.get_scale()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        if self.scaler.get_scale() < scale:
+            self.amp_skipped += 1
+
+    def before_epoch(self):
+        super().before_epoch()
+        self.amp_skipped = 0
 
     def after_epoch(self):
+        if self.amp_skipped:
+            print(f"amp: the gradient scaler skipped {self.amp_skipped} optimizer step(s) this epoch "
+                  f"(inf/NaN gradients); scale now {self.scaler.get_scale():g}")
         super().after_epoch()
         self.save_resume_state(self.epoch)
 

@@ -1,0 +1,119 @@
+"""Config fuzzing: random values and types for every TRAINER.<METHOD>.* key and the dataset keys
+give a valid run (a training step and an evaluation batch) or one clear error naming the key."""
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import ROOT, requires_dassl
+
+pytestmark = requires_dassl
+
+METHOD_KEYS = {
+    "HiCroPL": ["N_CTX", "CTX_INIT", "PROMPT_DEPTH", "CROSS_LAYER", "LAMBD", "PREC", "MAPPER_MODE", "N_HEADS",
+                "EXACT_SHORTCUTS", "TRUST_RELEASE_CHECKPOINT"],
+    "DCP": ["N_CTX", "CTX_INIT", "PROMPT_DEPTH", "PS", "FUSING", "TEXT_UPDATE", "PREC"],
+    "ZeroshotCLIP": ["PREC", "TEMPLATES"],
+    "EdgeCNN": ["IMAGE_SIZE", "TEN_CROP", "GRAD_CLAMP", "DECAY_START", "DECAY_EVERY", "DECAY_RATE"],
+}
+NODES = {"HiCroPL": "HICROPL", "DCP": "DCP", "ZeroshotCLIP": "ZSCLIP", "EdgeCNN": "EDGECNN"}
+DATASET_KEYS = ["DATASET.NUM_SHOTS", "DATASET.SUBSAMPLE_CLASSES", "DATASET.NAME", "DATASET.DESCRIPTIONS_FILE",
+                "DATASET.ROOT"]
+PLAUSIBLE = ["0", "1", "2", "3", "4", "-1", "64", "0.5", "1e9", "nan", "inf", "-inf", "True", "False", "''",
+             "fp16", "fp32", "bf16", "amp", "none", "mean", "max", "release", "learned", "base", "new", "all",
+             "ensemble", "Caltech101", "OxfordPets", "FER2013", "a photo of a", "[1, 2]", "(3,)", "{}"]
+
+any_value = st.one_of(st.sampled_from(PLAUSIBLE), st.integers(-10 ** 6, 10 ** 6).map(str),
+                      st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                      st.text(st.characters(blacklist_categories=("Cs",)), max_size=12))
+
+
+def default_of(key):
+    from dassl.config import get_cfg_default
+    from trainers.config import extend_cfg
+    node = extend_cfg(get_cfg_default())
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def values_for(key):
+    """Mostly values of the key's own type (so our range checks and real runs are exercised),
+    sometimes anything at all (so type errors are too)."""
+    default = default_of(key)
+    if isinstance(default, bool):
+        typed = st.booleans().map(str)
+    elif isinstance(default, int):
+        typed = st.one_of(st.integers(-3, 80), st.integers(-10 ** 9, 10 ** 9)).map(str)
+    elif isinstance(default, float):
+        typed = st.one_of(st.floats(-5, 1e5), st.sampled_from([float("nan"), float("inf"), 0.0, 1e30])).map(repr)
+    else:
+        typed = st.one_of(st.sampled_from(PLAUSIBLE[15:] + [default]), st.text(max_size=12))
+    return st.one_of(typed, typed, typed, any_value)
+
+
+def base_command(trainer, root):
+    if trainer == "EdgeCNN":
+        return ["--trainer", "EdgeCNN", "--dataset-config-file", os.path.join(ROOT, "configs/datasets/fer2013.yaml"),
+                "--config-file", os.path.join(ROOT, "configs/trainers/EdgeCNN/fer2013.yaml"),
+                "DATALOADER.TRAIN_X.BATCH_SIZE", "8", "DATALOADER.TEST.BATCH_SIZE", "4"]
+    config = {"HiCroPL": "HiCroPL/demo_tiny_clip", "DCP": "DCP/demo_tiny_clip",
+              "ZeroshotCLIP": "ZeroshotCLIP/vit_b16"}[trainer]
+    opts = ["MODEL.BACKBONE.PATH", str(root / "tiny_clip.pt"), "INPUT.SIZE", "(32, 32)", "DATALOADER.TEST.BATCH_SIZE", "4"]
+    if trainer == "ZeroshotCLIP":
+        opts += ["TRAINER.ZSCLIP.PREC", "fp32"]
+    return ["--trainer", trainer, "--dataset-config-file", os.path.join(ROOT, "configs/datasets/caltech101.yaml"),
+            "--config-file", os.path.join(ROOT, f"configs/trainers/{config}.yaml")] + opts
+
+
+@pytest.fixture(scope="module")
+def fuzz_root(tmp_path_factory):
+    from datasets.synthetic import write_dataset
+    from vlprompt.clip_loading import save_random_clip
+    root = tmp_path_factory.mktemp("fuzz")
+    write_dataset(str(root / "data"), "Caltech101", 4, (2, 1, 1))
+    write_dataset(str(root / "data"), "FER2013", 7, (1, 1, 1))
+    save_random_clip(str(root / "tiny_clip.pt"))
+    return root
+
+
+def one_step_and_one_eval_batch(trainer):
+    if trainer.get_model_names():  # ZeroshotCLIP has nothing to train
+        trainer.set_model_mode("train")
+        trainer.num_batches, trainer.batch_idx = len(trainer.train_loader_x), 0
+        trainer.forward_backward(next(iter(trainer.train_loader_x)))
+    trainer.test()  # the whole (tiny) test split, through the trainer's evaluation path
+
+
+def check(trainer_name, fuzz_root, perturbed):
+    import train
+    from dassl.engine import build_trainer
+    keys = [key for key, _ in perturbed]
+    argv = ["--root", str(fuzz_root / "data"), "--seed", "1", "--output-dir", str(fuzz_root / "out")]
+    argv += base_command(trainer_name, fuzz_root) + ["DATALOADER.NUM_WORKERS", "0", "MODEL.FEATURE_CACHE_DIR",
+                                                      str(fuzz_root / "cache")]
+    for key, value in perturbed:
+        argv += [key, value]
+    try:
+        cfg = train.setup_cfg(train.build_parser().parse_args(argv))
+        trainer = build_trainer(cfg)
+        one_step_and_one_eval_batch(trainer)
+    except (ValueError, OSError, KeyError, AssertionError) as err:
+        message = str(err)
+        assert any(key in message for key in keys), (
+            f"{type(err).__name__} does not name the key among {perturbed}: {message[:500]}")
+
+
+@pytest.mark.parametrize("trainer_name", list(METHOD_KEYS))
+def test_fuzzed_config_gives_a_valid_run_or_a_clear_error(trainer_name, fuzz_root):
+    node = NODES[trainer_name]
+    keys = [f"TRAINER.{node}.{key}" for key in METHOD_KEYS[trainer_name]] + DATASET_KEYS
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.sampled_from(keys).flatmap(lambda key: st.tuples(st.just(key), values_for(key))),
+                    min_size=1, max_size=3, unique_by=lambda kv: kv[0]))
+    def run(perturbed):
+        check(trainer_name, fuzz_root, perturbed)
+
+    run()

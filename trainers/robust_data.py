@@ -1,0 +1,61 @@
+"""Dassl's data pipeline, failing fast and clearly on unreadable images.
+
+Dassl's DatasetWrapper lets PIL's error surface from a loader worker; for a truncated JPEG that
+error does not even name the file. Here an unreadable image stops the run at once with its path
+and the ways out, or, with DATALOADER.SKIP_BROKEN_IMAGES True, every image is decoded once when
+the loaders are built and the unreadable ones are left out with a warning naming each.
+"""
+from concurrent.futures import ThreadPoolExecutor
+from typing import List
+
+from dassl.data import DataManager
+from dassl.data.data_manager import DatasetWrapper
+from PIL import Image
+
+
+class BrokenImageError(RuntimeError):
+    """An image file of the dataset cannot be decoded."""
+
+
+def _unreadable(path: str) -> str:
+    """'' when `path` decodes as an image, else the reason."""
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB")
+        return ""
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"{type(err).__name__}: {err}"
+
+
+def readable_only(data_source: List, threads: int = 8) -> List:
+    with ThreadPoolExecutor(threads) as pool:  # PIL decodes outside the GIL
+        reasons = list(pool.map(_unreadable, [item.impath for item in data_source]))
+    for item, reason in zip(data_source, reasons):
+        if reason:
+            print(f"warning: skipping unreadable image {item.impath} ({reason})")
+    return [item for item, reason in zip(data_source, reasons) if not reason]
+
+
+class CheckedImages(DatasetWrapper):
+    def __init__(self, cfg, data_source, transform=None, is_train=False):
+        if cfg.DATALOADER.SKIP_BROKEN_IMAGES:
+            # in place: Dassl built the loader's sampler on this very list
+            data_source[:] = readable_only(data_source)
+        super().__init__(cfg, data_source, transform=transform, is_train=is_train)
+
+    def __getitem__(self, idx):
+        try:
+            return super().__getitem__(idx)
+        except Exception as err:
+            path = self.data_source[idx].impath
+            reason = _unreadable(path)
+            if not reason:  # the image is fine: a transform or something else failed
+                raise
+            raise BrokenImageError(
+                f"cannot read image {path} ({reason}). Replace or remove the file (and its entry in "
+                f"the split file), or set DATALOADER.SKIP_BROKEN_IMAGES True to leave unreadable "
+                f"images out with a warning.") from err
+
+
+def build_data_manager(cfg, **custom_transforms) -> DataManager:
+    return DataManager(cfg, dataset_wrapper=CheckedImages, **custom_transforms)
