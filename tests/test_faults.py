@@ -172,18 +172,22 @@ def test_unreadable_image_stops_the_run_naming_it_or_is_skipped_on_request(tmp_p
 
 
 # ---- non-finite losses ----------------------------------------------------------------------
+def corrupt_loss(trainer, on_call: int, factor: float):
+    """Multiply the loss of the `on_call`-th training batch by `factor` (nan, inf)."""
+    real_loss, calls = trainer.model.loss, []
+
+    def loss(images, labels):
+        value, logits, parts = real_loss(images, labels)
+        calls.append(1)
+        return (value * factor if len(calls) == on_call else value), logits, parts
+    trainer.model.loss = loss
+
+
 @requires_dassl
 def test_nan_loss_stops_with_step_precision_and_advice(workspace, tmp_path):
     from trainers.robust_trainer import NonFiniteLossError
     trainer = in_process_trainer(workspace, tmp_path, "TRAINER.HICROPL.PREC", "fp16")
-    real_loss = trainer.model.loss
-    calls = []
-
-    def loss_overflowing_on_second_batch(images, labels):
-        loss, logits, parts = real_loss(images, labels)
-        calls.append(1)
-        return (loss * float("nan") if len(calls) == 2 else loss), logits, parts
-    trainer.model.loss = loss_overflowing_on_second_batch
+    corrupt_loss(trainer, on_call=2, factor=float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 1, batch 2 with precision "
                                                  r"fp16: fp16 overflows easily: use PREC amp"):
         trainer.train()
@@ -192,14 +196,7 @@ def test_nan_loss_stops_with_step_precision_and_advice(workspace, tmp_path):
 @requires_dassl
 def test_amp_skips_are_counted_not_fatal(workspace, tmp_path, capsys):
     trainer = in_process_trainer(workspace, tmp_path, "TRAINER.HICROPL.PREC", "amp")
-    real_loss = trainer.model.loss
-    calls = []
-
-    def loss_with_an_inf_gradient(images, labels):
-        loss, logits, parts = real_loss(images, labels)
-        calls.append(1)
-        return (loss * float("inf") if len(calls) == 1 else loss), logits, parts
-    trainer.model.loss = loss_with_an_inf_gradient
+    corrupt_loss(trainer, on_call=1, factor=float("inf"))
     trainer.train()
     out = capsys.readouterr().out
     assert "amp: the gradient scaler skipped 1 optimizer step(s) this epoch" in out
