@@ -13,71 +13,16 @@ its "=> result" line. A resumed run leaves several log files: the newest with a 
 import argparse
 import csv
 import io
-import math
 import os
-import re
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 from tabulate import tabulate
 
 from vlprompt.io import atomic_write_text
-
-TRAIN_END = re.compile(r"^Finish(ed)? training")
-TEST_END = re.compile(r"^=> result")
-# The usual order of the 11 base-to-new datasets in papers.
-DATASET_ORDER = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-                 "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
-
-
-class ResultsError(RuntimeError):
-    """No usable result where one was expected; the message says where and why."""
-
-
-def metric_regex(keyword: str):
-    return re.compile(rf"^\* {re.escape(keyword)}: ([\.\deE+-]+)%")
-
-
-def read_log(path: str, end_signal, keyword: str = "accuracy") -> Optional[float]:
-    """The last `* keyword: X%` after the end signal in one log file, or None."""
-    regex, seen_end, value = metric_regex(keyword), False, None
-    with open(path, errors="replace") as handle:
-        for line in handle:
-            line = line.strip()
-            if end_signal.search(line):
-                seen_end = True
-            match = regex.search(line)
-            if match and seen_end:
-                value = float(match.group(1))
-    return value
-
-
-@dataclass
-class RunResult:
-    folder: str
-    value: Optional[float]
-    log: Optional[str]
-    problem: str = ""
-
-
-def read_run(folder: str, end_signal, keyword: str = "accuracy") -> RunResult:
-    logs = sorted(f for f in os.listdir(folder) if f.startswith("log.txt")) if os.path.isdir(folder) else []
-    if not logs:
-        return RunResult(folder, None, None, "no log.txt (the run never started?)")
-    for name in reversed(logs):  # log.txt, then log.txt-<time> of later (resumed) runs
-        value = read_log(os.path.join(folder, name), end_signal, keyword)
-        if value is not None:
-            return RunResult(folder, value, os.path.join(folder, name))
-    return RunResult(folder, None, os.path.join(folder, logs[-1]),
-                     f"no '* {keyword}' after '{end_signal.pattern.lstrip('^')}' (unfinished run?)")
-
-
-def ci95(values: List[float]) -> float:
-    return 1.96 * float(np.std(values)) / math.sqrt(len(values))
-
+from vlprompt.results import DATASET_ORDER, TEST_END, TRAIN_END, ResultsError, ci95, harmonic_mean, read_run
 
 def parse_seeds(directory: str, end_signal, keyword="accuracy", use_ci95=False, out=print) -> Dict[str, float]:
     """CoOp's parse_function: each subfolder of `directory` is one run (one seed)."""
@@ -118,10 +63,6 @@ def parse_multi_exp(directory: str, end_signal, keyword="accuracy", use_ci95=Fal
 
 
 # ---- base-to-new summary -------------------------------------------------------------------
-def harmonic_mean(base: float, new: float) -> float:
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
-
-
 def _method_dirs(root: str, shots: int):
     """(dataset, trainer, cfg) under root/{train_base,test_base,test_new}/<dataset>/shots_<S>/<trainer>/<cfg>."""
     found = set()

@@ -1,0 +1,295 @@
+"""Run a benchmark grid (datasets x seeds x stages) on Slurm or on one machine, through submitit.
+
+    python -m vlprompt.sweep --task base2new --trainer HiCroPL --datasets all --seeds 1 2 3 --executor slurm \\
+        --partition gpu --time 240 --mem 32 --array-parallelism 16
+    python -m vlprompt.sweep --task fewshot --trainer DCP --datasets dtd eurosat --shots 1 2 4 8 16 --gpus 0 1 2 3
+    python -m vlprompt.sweep --task xd --trainer HiCroPL --dry-run
+
+Each run is a call of the task script the README shows (scripts/<method>/<task>.sh), so the sweep
+writes the same output folders, and scripts and sweeps can be mixed: finished runs are skipped,
+unfinished ones resume, and tests wait for their training (new-class tests after base training,
+cross-dataset tests after the ImageNet training). Executors are submitit's: Slurm job arrays (one
+array per stage, the next stage depending on the previous array), or its local executor running
+several runs at once, one GPU each or CPU processes. Trailing arguments after `--` are config
+options passed to every run.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .results import TEST_END, TRAIN_END, read_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE2NEW = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+            "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
+XD_TARGETS = [d for d in BASE2NEW if d != "imagenet"]
+DG_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+TASKS = ("base2new", "xd", "dg", "fewshot")
+# trainer -> (its scripts folder, default config per task), as the scripts' wrappers set them
+METHODS = {
+    "HiCroPL": ("hicropl", {"base2new": "vit_b16_c2_ep50_batch32_16ctx",
+                            "xd": "vit_b16_c2_ep5_batch32_2ctx_cross_datasets",
+                            "dg": "vit_b16_c2_ep5_batch32_2ctx_cross_datasets",
+                            "fewshot": "vit_b16_c2_ep50_batch32_16ctx_few_shot"}),
+    "DCP": ("dcp", dict.fromkeys(TASKS, "vit_b16_c2_ep20_batch4_16ctx")),
+    "ZeroshotCLIP": ("zsclip", {"base2new": "vit_b16", "xd": "vit_b16", "dg": "vit_b16"}),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    key: str  # unique within the grid, e.g. "base2new_test/dtd/seed2"
+    script: str  # relative to the toolkit folder
+    args: Tuple[str, ...]
+    outputs: Tuple[Tuple[str, str], ...]  # (run folder, "train" | "test") that must hold a result
+    after: Tuple[str, ...] = ()  # keys of runs that must finish first
+
+    def command(self, options: Sequence[str] = ()) -> List[str]:
+        return ["bash", os.path.join(REPO, self.script), *self.args, *options]
+
+    def finished(self) -> bool:
+        return all(read_run(folder, TRAIN_END if kind == "train" else TEST_END).value is not None
+                   for folder, kind in self.outputs)
+
+
+@dataclass
+class Grid:
+    task: str
+    trainer: str
+    cfg: str
+    output: str
+    datasets: List[str]
+    seeds: List[int]
+    shots: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    source: str = "imagenet"
+
+    def expand(self) -> List[Run]:
+        folder, _ = METHODS[self.trainer]
+        if self.trainer == "ZeroshotCLIP":
+            return self._zero_shot(folder)
+        out, t, cfg = self.output, self.trainer, self.cfg
+        runs: List[Run] = []
+        if self.task == "base2new":
+            for d in self.datasets:
+                for s in self.seeds:
+                    common = f"{d}/shots_16/{t}/{cfg}/seed{s}"
+                    train = Run(f"base2new_train/{d}/seed{s}", f"scripts/{folder}/base2new_train.sh", (d, str(s)),
+                                ((f"{out}/base2new/train_base/{common}", "train"),))
+                    runs += [train, Run(f"base2new_test/{d}/seed{s}", f"scripts/{folder}/base2new_test.sh",
+                                        (d, str(s)), ((f"{out}/base2new/test_new/{common}", "test"),), (train.key,))]
+        elif self.task in ("xd", "dg"):
+            for s in self.seeds:
+                train = Run(f"xd_train/{self.source}/seed{s}", f"scripts/{folder}/xd_train.sh", (self.source, str(s)),
+                            ((f"{out}/{self.source}/{t}/{cfg}_16shots/seed{s}", "train"),))
+                runs.append(train)
+                runs += [Run(f"xd_test/{d}/seed{s}", f"scripts/{folder}/xd_test.sh", (d, str(s)),
+                             ((f"{out}/evaluation/{t}/{cfg}_16shots/{d}/seed{s}", "test"),), (train.key,))
+                         for d in self.datasets]
+        else:
+            runs = [Run(f"fewshot/{d}/{k}shots/seed{s}", f"scripts/{folder}/few_shot.sh", (d, str(k), str(s)),
+                        ((f"{out}/{d}/{t}/{cfg}_{k}shots/seed{s}", "train"),))
+                    for d in self.datasets for k in self.shots for s in self.seeds]
+        return runs
+
+    def _zero_shot(self, folder) -> List[Run]:
+        out, cfg = self.output, self.cfg
+        if self.task == "base2new":
+            return [Run(f"zeroshot/{d}", f"scripts/{folder}/base2new.sh", (d,),
+                        tuple((f"{out}/base2new/test_{sub}/{d}/shots_16/ZeroshotCLIP/{cfg}/seed1", "test")
+                              for sub in ("base", "new"))) for d in self.datasets]
+        if self.task in ("xd", "dg"):
+            return [Run(f"zeroshot/{d}", f"scripts/{folder}/xd.sh", (d,),
+                        ((f"{out}/evaluation/ZeroshotCLIP/{cfg}/{d}/seed1", "test"),)) for d in self.datasets]
+        raise SystemExit("ZeroshotCLIP has no few-shot task: it trains nothing")
+
+
+def default_datasets(task: str) -> List[str]:
+    return {"base2new": BASE2NEW, "fewshot": BASE2NEW, "xd": XD_TARGETS, "dg": DG_TARGETS}[task]
+
+
+def execute_run(command: List[str], env: Dict[str, str]) -> str:
+    """The job: one task script call (runs in the submitit worker)."""
+    proc = subprocess.run(command, env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return proc.stdout[-500:]
+
+
+def job_env(grid: Grid, data: str) -> Dict[str, str]:
+    env = {"DATA": data, "OUTPUT": grid.output, "CFG": grid.cfg, "SOURCE": grid.source, "PYTHONUNBUFFERED": "1"}
+    if "PYTHON" in os.environ:
+        env["PYTHON"] = os.environ["PYTHON"]
+    return env
+
+
+def stages(runs: Sequence[Run]) -> List[List[Run]]:
+    """Runs grouped so that every run's prerequisites sit in an earlier group."""
+    done, remaining, groups = set(), list(runs), []
+    keys = {r.key for r in runs}
+    while remaining:
+        ready = [r for r in remaining if all(a in done or a not in keys for a in r.after)]
+        if not ready:
+            raise ValueError("circular dependencies in the grid")
+        groups.append(ready)
+        done.update(r.key for r in ready)
+        remaining = [r for r in remaining if r.key not in done]
+    return groups
+
+
+# ---- executors ------------------------------------------------------------------------------
+def run_local(runs: Sequence[Run], options, env, folder: str, slots: Sequence[Optional[int]],
+              timeout_min: int, debug: bool = False) -> Dict[str, str]:
+    """submitit's local executor, one run per slot (a GPU id, or None for a CPU process); a run
+    starts once its prerequisites finished. Returns key -> "ok" | "failed: ..." | "blocked"."""
+    import submitit
+    status: Dict[str, str] = {}
+    pending, running = list(runs), {}  # running: slot index -> (run, job)
+    cpu_threads = max(1, (os.cpu_count() or 1) // len(slots))  # CPU runs share the cores
+    while pending or running:
+        for index, (run, job) in list(running.items()):
+            if debug or job.done():
+                try:
+                    job.result()
+                    status[run.key] = "ok"
+                except Exception as err:  # the job's own error, shown in the summary
+                    lines = str(err).strip().splitlines()
+                    reason = next((line.strip() for line in lines if "exited with" in line), lines[-1].strip())
+                    status[run.key] = f"failed: {reason[:300]} (logs: {folder})"
+                del running[index]
+        for run in [r for r in pending if any(status.get(a, "ok") != "ok" and a in status for a in r.after)]:
+            status[run.key] = "blocked (a prerequisite failed)"
+            pending.remove(run)
+        for index, slot in enumerate(slots):
+            ready = [r for r in pending if all(status.get(a) == "ok" or a not in {p.key for p in runs}
+                                               for a in r.after)]
+            if index in running or not ready:
+                continue
+            run = ready[0]
+            pending.remove(run)
+            executor = submitit.DebugExecutor(folder) if debug else submitit.LocalExecutor(folder)
+            if not debug:
+                executor.update_parameters(timeout_min=timeout_min, gpus_per_node=0 if slot is None else 1,
+                                           visible_gpus=() if slot is None else (slot,))
+            print(f"start {run.key}" + ("" if slot is None else f" on GPU {slot}"), flush=True)
+            job_env = env if slot is not None else {"OMP_NUM_THREADS": str(cpu_threads), **env}
+            running[index] = (run, executor.submit(execute_run, run.command(options), job_env))
+        if running and not debug:
+            time.sleep(1.0)
+    return status
+
+
+SLURM_DEFAULTS = {"partition": None, "gpus_per_node": 1, "cpus_per_task": 8, "time": 240, "mem": "32GB",
+                  "array_parallelism": 16, "job_name": "sweep"}
+
+
+def submit_slurm(runs: Sequence[Run], options, env, folder: str, params: Dict) -> List[str]:
+    """One Slurm job array per stage; each array starts after the previous one succeeded."""
+    import submitit
+    ids: List[str] = []
+    for group in stages(runs):
+        executor = submitit.SlurmExecutor(folder)
+        settings = {k: v for k, v in params.items() if v is not None}
+        if ids:
+            settings["additional_parameters"] = {"dependency": f"afterok:{ids[-1]}"}
+        executor.update_parameters(**settings)
+        jobs = executor.map_array(execute_run, [r.command(options) for r in group], [env] * len(group))
+        ids.append(jobs[0].job_id.split("_")[0])
+        print(f"submitted {len(group)} run(s) as Slurm array {ids[-1]}"
+              + (f" after {ids[-2]}" if len(ids) > 1 else ""))
+    return ids
+
+
+def slurm_params(args) -> Dict:
+    params = dict(SLURM_DEFAULTS)
+    if args.profile:
+        import yaml
+        with open(args.profile) as handle:
+            profile = yaml.safe_load(handle) or {}
+        unknown = set(profile) - set(SLURM_DEFAULTS)
+        if unknown:
+            raise SystemExit(f"{args.profile}: unknown key(s) {sorted(unknown)}; known: {sorted(SLURM_DEFAULTS)}")
+        params.update(profile)
+    for key in SLURM_DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            params[key] = value
+    if str(params["mem"]).isdigit():  # a bare number means GB here (sbatch would read MB)
+        params["mem"] = f"{params['mem']}GB"
+    return params
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m vlprompt.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--trainer", required=True, choices=sorted(METHODS))
+    parser.add_argument("--datasets", nargs="+", default=["all"], help="'all' or names as in configs/datasets")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="fewshot only")
+    parser.add_argument("--cfg", help="config under configs/trainers/<trainer>/ (default: the scripts')")
+    parser.add_argument("--source", default="imagenet", help="xd/dg: the dataset trained on")
+    parser.add_argument("--data", default=os.environ.get("DATA"), help="dataset root (default: $DATA)")
+    parser.add_argument("--output", default=os.environ.get("OUTPUT", "output"))
+    parser.add_argument("--executor", choices=("local", "slurm", "debug"), default="local")
+    parser.add_argument("--folder", default="sweep_logs", help="submitit's logs and job files")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands only")
+    local = parser.add_argument_group("local executor")
+    local.add_argument("--gpus", nargs="+", type=int, help="GPU ids: one run per GPU at a time")
+    local.add_argument("--parallel", type=int, default=1, help="CPU runs at a time without --gpus")
+    local.add_argument("--timeout", type=int, default=24 * 60, help="minutes per run")
+    slurm = parser.add_argument_group("slurm executor (flags override --profile)")
+    slurm.add_argument("--profile", help="YAML with any of: " + ", ".join(SLURM_DEFAULTS))
+    slurm.add_argument("--partition")
+    slurm.add_argument("--gpus-per-node", dest="gpus_per_node", type=int)
+    slurm.add_argument("--cpus-per-task", dest="cpus_per_task", type=int)
+    slurm.add_argument("--time", type=int, help="minutes")
+    slurm.add_argument("--mem", help="e.g. 32GB (a bare number is GB)")
+    slurm.add_argument("--array-parallelism", dest="array_parallelism", type=int)
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="-- then config options for every run")
+    args = parser.parse_args(argv)
+    args.options = [o for o in args.options if o != "--"]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    folder_name, cfgs = METHODS[args.trainer]
+    if args.task not in cfgs:
+        raise SystemExit(f"{args.trainer} has no {args.task} task")
+    datasets = default_datasets(args.task) if args.datasets == ["all"] else args.datasets
+    grid = Grid(args.task, args.trainer, args.cfg or cfgs[args.task], args.output, datasets, args.seeds,
+                args.shots, args.source)
+    runs = grid.expand()
+    todo = [r for r in runs if not r.finished()]
+    env = job_env(grid, args.data or "")
+    print(f"{args.task} / {args.trainer} / {grid.cfg}: {len(runs)} runs, {len(runs) - len(todo)} finished "
+          f"already, {len(todo)} to run")
+    if args.dry_run:
+        exported = " ".join(f"{k}={v}" for k, v in env.items() if k != "PYTHONUNBUFFERED")
+        for run in runs:
+            state = "finished, skipped" if run not in todo else (f"after {', '.join(run.after)}" if run.after else "")
+            print(f"{run.key}: {exported} {' '.join(run.command(args.options))}" + (f"   [{state}]" if state else ""))
+        return 0
+    if not todo:
+        return 0
+    if not args.data:
+        raise SystemExit("set --data or DATA to the folder that holds your datasets")
+    os.makedirs(args.folder, exist_ok=True)
+    if args.executor == "slurm":
+        submit_slurm(todo, args.options, env, args.folder, slurm_params(args))
+        return 0
+    slots = args.gpus if args.gpus else [None] * max(1, args.parallel)
+    status = run_local(todo, args.options, env, args.folder, slots, args.timeout, debug=args.executor == "debug")
+    failed = {k: v for k, v in status.items() if v != "ok"}
+    print(f"done: {len(status) - len(failed)} ok, {len(failed)} not" + "".join(f"\n  {k}: {v}" for k, v in failed.items()))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
