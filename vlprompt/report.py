@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import layout
 from .io import atomic_write, atomic_write_text
 from .results import DATASET_ORDER, TEST_END, TRAIN_END, harmonic_mean, read_run
 from .sweep import DG_TARGETS, METHODS, XD_TARGETS
@@ -56,21 +57,21 @@ class Method:
         t, cfg = self.trainer, self.cfg
         if task in ("xd", "dg"):
             if t in EVAL_ONLY:
-                return [(f"{output}/evaluation/{t}/{cfg}/{dataset}/seed{seed}", TEST_END)]
+                return [(layout.zero_shot_test(output, dataset, cfg), TEST_END)]
             if dataset == "imagenet":  # the source accuracy: the training run's own test
-                return [(f"{output}/imagenet/{t}/{cfg}_16shots/seed{seed}", TRAIN_END)]
-            return [(f"{output}/evaluation/{t}/{cfg}_16shots/{dataset}/seed{seed}", TEST_END)]
-        return [(f"{output}/{dataset}/{t}/{cfg}_{shots}shots/seed{seed}", TRAIN_END)]
+                return [(layout.xd_train(output, "imagenet", t, cfg, seed), TRAIN_END)]
+            return [(layout.xd_test(output, dataset, t, cfg, seed), TEST_END)]
+        return [(layout.few_shot(output, dataset, t, cfg, shots, seed), TRAIN_END)]
 
     def base2new_folders(self, output: str, dataset: str, seed: int, side: str):
         if self.template:
             stages = ["train_base", "test_base"] if side == "base" else ["test_new"]
             return [(self.template.format(output=output, dataset=dataset, seed=seed, shots=16, stage=s),
                      TRAIN_END if s == "train_base" else TEST_END) for s in stages]
-        common = f"{dataset}/shots_16/{self.trainer}/{self.cfg}/seed{seed}"
+        run = lambda stage: layout.base2new(output, stage, dataset, self.trainer, self.cfg, seed)
         if side == "new":
-            return [(f"{output}/base2new/test_new/{common}", TEST_END)]
-        return [(f"{output}/base2new/train_base/{common}", TRAIN_END), (f"{output}/base2new/test_base/{common}", TEST_END)]
+            return [(run("test_new"), TEST_END)]
+        return [(run("train_base"), TRAIN_END), (run("test_base"), TEST_END)]
 
     def seeds(self, seeds: Sequence[int]) -> List[int]:
         return [1] if self.trainer in EVAL_ONLY else list(seeds)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from . import layout
 from .results import TEST_END, TRAIN_END, read_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,22 +77,22 @@ class Grid:
         if self.task == "base2new":
             for d in self.datasets:
                 for s in self.seeds:
-                    common = f"{d}/shots_16/{t}/{cfg}/seed{s}"
                     train = Run(f"base2new_train/{d}/seed{s}", f"scripts/{folder}/base2new_train.sh", (d, str(s)),
-                                ((f"{out}/base2new/train_base/{common}", "train"),))
+                                ((layout.base2new(out, "train_base", d, t, cfg, s), "train"),))
                     runs += [train, Run(f"base2new_test/{d}/seed{s}", f"scripts/{folder}/base2new_test.sh",
-                                        (d, str(s)), ((f"{out}/base2new/test_new/{common}", "test"),), (train.key,))]
+                                        (d, str(s)), ((layout.base2new(out, "test_new", d, t, cfg, s), "test"),),
+                                        (train.key,))]
         elif self.task in ("xd", "dg"):
             for s in self.seeds:
                 train = Run(f"xd_train/{self.source}/seed{s}", f"scripts/{folder}/xd_train.sh", (self.source, str(s)),
-                            ((f"{out}/{self.source}/{t}/{cfg}_16shots/seed{s}", "train"),))
+                            ((layout.xd_train(out, self.source, t, cfg, s), "train"),))
                 runs.append(train)
                 runs += [Run(f"xd_test/{d}/seed{s}", f"scripts/{folder}/xd_test.sh", (d, str(s)),
-                             ((f"{out}/evaluation/{t}/{cfg}_16shots/{d}/seed{s}", "test"),), (train.key,))
+                             ((layout.xd_test(out, d, t, cfg, s), "test"),), (train.key,))
                          for d in self.datasets]
         else:
             runs = [Run(f"fewshot/{d}/{k}shots/seed{s}", f"scripts/{folder}/few_shot.sh", (d, str(k), str(s)),
-                        ((f"{out}/{d}/{t}/{cfg}_{k}shots/seed{s}", "train"),))
+                        ((layout.few_shot(out, d, t, cfg, k, s), "train"),))
                     for d in self.datasets for k in self.shots for s in self.seeds]
         return runs
 
@@ -99,11 +100,11 @@ class Grid:
         out, cfg = self.output, self.cfg
         if self.task == "base2new":
             return [Run(f"zeroshot/{d}", f"scripts/{folder}/base2new.sh", (d,),
-                        tuple((f"{out}/base2new/test_{sub}/{d}/shots_16/ZeroshotCLIP/{cfg}/seed1", "test")
+                        tuple((layout.base2new(out, f"test_{sub}", d, "ZeroshotCLIP", cfg, 1), "test")
                               for sub in ("base", "new"))) for d in self.datasets]
         if self.task in ("xd", "dg"):
             return [Run(f"zeroshot/{d}", f"scripts/{folder}/xd.sh", (d,),
-                        ((f"{out}/evaluation/ZeroshotCLIP/{cfg}/{d}/seed1", "test"),)) for d in self.datasets]
+                        ((layout.zero_shot_test(out, d, cfg), "test"),)) for d in self.datasets]
         raise SystemExit("ZeroshotCLIP has no few-shot task: it trains nothing")
 
 
