@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple
 
 from dassl.data.datasets import Datum, DatasetBase
 
-from vlprompt.io import OutputWriteError, atomic_write
+from vlprompt.io import OutputWriteError, atomic_write, cache_root
 
 DATASETS_DOC = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
@@ -80,7 +80,7 @@ class FewShotCache:
     def __init__(self, dataset_dir: str, fallback_root: str):
         self.primary = os.path.join(dataset_dir, "split_fewshot")
         name = os.path.basename(os.path.normpath(dataset_dir))
-        self.fallback = os.path.join(os.path.expanduser(fallback_root), "split_fewshot", name)
+        self.fallback = os.path.join(fallback_root, "split_fewshot", name)
 
     def _name(self, shots: int, seed: int) -> str:
         return f"shot_{shots}-seed_{seed}.pkl"
@@ -106,10 +106,6 @@ class FewShotCache:
             atomic_write(path, payload)
         print(f"Saving preprocessed few-shot data to {path}")
         return path
-
-
-def few_shot_cache_root(cfg) -> str:
-    return cfg.MODEL.FEATURE_CACHE_DIR or os.environ.get("VLPROMPT_CACHE") or "~/.cache/vlprompt"
 
 
 class CoOpDataset(DatasetBase):
@@ -153,7 +149,7 @@ class CoOpDataset(DatasetBase):
         shots = cfg.DATASET.NUM_SHOTS
         if shots < 1:
             return train, val
-        cache = FewShotCache(self.dataset_dir, few_shot_cache_root(cfg))
+        cache = FewShotCache(self.dataset_dir, cache_root(cfg.MODEL.FEATURE_CACHE_DIR))
         data = cache.load(shots, cfg.SEED)
         if data is None:
             train = self.generate_fewshot_dataset(train, num_shots=shots)

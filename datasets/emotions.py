@@ -25,7 +25,9 @@ from PIL import Image
 
 from vlprompt.edgecnn import EMOTIONS_FER
 
-from .coop_split import CoOpDataset, DatasetLayoutError, few_shot_cache_root, make_datum, require
+from vlprompt.io import cache_root
+
+from .coop_split import CoOpDataset, DatasetLayoutError, make_datum, require
 
 FER_USAGE = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 FER_SIDE = 48
@@ -126,7 +128,7 @@ class FER2013(CoOpDataset):
             splits = decode_fer_images(csv_path, self.image_dir)
         except OSError as err:  # read-only data folder: decode into the cache folder instead
             digest = hashlib.sha256(os.path.abspath(csv_path).encode()).hexdigest()[:16]
-            folder = os.path.join(os.path.expanduser(few_shot_cache_root(self.cfg)), "fer2013_images", digest)
+            folder = os.path.join(cache_root(self.cfg.MODEL.FEATURE_CACHE_DIR), "fer2013_images", digest)
             print(f"Cannot write images next to {csv_path} ({err}); decoding them into {folder}")
             splits = decode_fer_images(csv_path, folder)
         return tuple([make_datum(path, label, EMOTIONS_FER[label], csv_path) for path, label in splits[part]]

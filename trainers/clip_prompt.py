@@ -11,8 +11,6 @@ A subclass implements `build_prompt_model()` returning (model, trainable module)
 provides `loss(images, labels) -> (loss, logits, parts)`, `forward(images, zero_shot=None) ->
 logits`, `zero_shot_image_features(images)` and an `evaluation()` context manager.
 """
-import os
-
 import PIL
 import torch
 import torchvision
@@ -21,17 +19,13 @@ from dassl.optim import build_optimizer
 
 from vlprompt.clip_loading import cast_clip, load_clip
 from vlprompt.feature_cache import ImageFeatureCache
-from vlprompt.io import tensors_fingerprint
+from vlprompt.io import cache_root, tensors_fingerprint
 
 from .robust_trainer import RobustTrainer
 from .config import PRECISIONS
 from .schedule import build_lr_scheduler
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def feature_cache_dir(cfg) -> str:
-    return cfg.MODEL.FEATURE_CACHE_DIR or os.environ.get("VLPROMPT_CACHE") or "~/.cache/vlprompt"
 
 
 class ClipPromptTrainer(RobustTrainer):
@@ -56,9 +50,6 @@ class ClipPromptTrainer(RobustTrainer):
             raise ValueError(f"TRAINER.{self.METHOD}.PREC={prec!r} is invalid: must be one of {PRECISIONS}")
         if prec == "bf16" and torch.cuda.is_available() and cfg.USE_CUDA and not torch.cuda.is_bf16_supported():
             raise ValueError(f"TRAINER.{self.METHOD}.PREC=bf16 but this GPU has no bf16; use fp16 or amp")
-        if cfg.DATASET.SUBSAMPLE_CLASSES not in ("all", "base", "new"):
-            raise ValueError(f"DATASET.SUBSAMPLE_CLASSES={cfg.DATASET.SUBSAMPLE_CLASSES!r} is invalid: "
-                             f"must be all, base or new")
 
     # ---- model -----------------------------------------------------------------------------
     def load_frozen_clip(self):
@@ -121,7 +112,7 @@ class ClipPromptTrainer(RobustTrainer):
         backbone = f"{tensors_fingerprint(encoder.state_dict().items())}|{self.precision}"
         transform = (f"{self.test_loader.dataset.transform!r}|torchvision {torchvision.__version__}"
                      f"|PIL {PIL.__version__}")
-        return ImageFeatureCache(feature_cache_dir(self.cfg), backbone, transform)
+        return ImageFeatureCache(cache_root(self.cfg.MODEL.FEATURE_CACHE_DIR), backbone, transform)
 
     @torch.no_grad()
     def test(self, split=None):

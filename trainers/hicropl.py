@@ -6,10 +6,10 @@ from dassl.engine import TRAINER_REGISTRY
 from vlprompt.class_features import ClassFeatureStore, DescriptionsError, frozen_class_features
 from vlprompt.hicropl import (HiCroPL as HiCroPLModel, HiCroPLConfig, convert_release_state_dict,
                               load_release_checkpoint)
-from vlprompt.io import load_strict
+from vlprompt.io import cache_root, load_strict
 from vlprompt.prompted_clip import PromptedTextEncoder
 
-from .clip_prompt import ClipPromptTrainer, feature_cache_dir
+from .clip_prompt import ClipPromptTrainer
 
 # Dassl dataset name -> the release's descriptions file stem (gpt_file/<stem>_prompt.json)
 DESCRIPTION_FILE_STEMS = {
@@ -55,7 +55,7 @@ class HiCroPL(ClipPromptTrainer):
         # frozen class features in fp32, before the backbone is cast to the run's precision
         try:
             fixed = frozen_class_features(PromptedTextEncoder(clip_model), classnames, descriptions_path(cfg),
-                                          store=ClassFeatureStore(feature_cache_dir(cfg), report=print))
+                                          store=ClassFeatureStore(cache_root(cfg.MODEL.FEATURE_CACHE_DIR), report=print))
         except DescriptionsError as err:
             raise DescriptionsError(f"{err} (set by DATASET.DESCRIPTIONS_FILE / DATASET.DESCRIPTIONS_DIR)") from err
         self.to_compute_precision(clip_model)

@@ -2,11 +2,12 @@
 from dassl.engine import TRAINER_REGISTRY
 
 from vlprompt.class_features import ClassFeatureStore, frozen_class_features
+from vlprompt.io import cache_root
 from vlprompt.prompted_clip import PromptedTextEncoder
 from vlprompt.templates import GENERIC_TEMPLATES, dataset_template
 from vlprompt.zero_shot import ZeroShotCLIP
 
-from .clip_prompt import ClipPromptTrainer, feature_cache_dir
+from .clip_prompt import ClipPromptTrainer
 from .hicropl import check_input_size
 
 TEMPLATE_SETS = ("dataset", "ensemble")
@@ -33,7 +34,7 @@ class ZeroshotCLIP(ClipPromptTrainer):
         print(f"Zero-shot prompts: {templates}")
         features = frozen_class_features(PromptedTextEncoder(clip_model), self.dm.dataset.classnames,
                                          templates=templates,
-                                         store=ClassFeatureStore(feature_cache_dir(cfg), report=print))
+                                         store=ClassFeatureStore(cache_root(cfg.MODEL.FEATURE_CACHE_DIR), report=print))
         self.to_compute_precision(clip_model)
         self.model = ZeroShotCLIP(clip_model, features).to(self.device)
         self.scaler = None

@@ -15,6 +15,12 @@ class OutputWriteError(OSError):
     """Writing an output file failed; the message names the path and the reason."""
 
 
+def cache_root(configured: str = "") -> str:
+    """The toolkit's cache folder: the configured one (MODEL.FEATURE_CACHE_DIR), else
+    $VLPROMPT_CACHE, else ~/.cache/vlprompt."""
+    return os.path.expanduser(configured or os.environ.get("VLPROMPT_CACHE") or "~/.cache/vlprompt")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
