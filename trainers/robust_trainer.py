@@ -51,6 +51,9 @@ class RobustTrainer(TrainerX):
         if cfg.DATASET.NAME not in names:
             raise ValueError(f"DATASET.NAME={cfg.DATASET.NAME!r} is not a registered dataset: use one of "
                              f"{sorted(names)} (or a configs/datasets/*.yaml file)")
+        if cfg.DATASET.SUBSAMPLE_CLASSES not in ("all", "base", "new"):
+            raise ValueError(f"DATASET.SUBSAMPLE_CLASSES={cfg.DATASET.SUBSAMPLE_CLASSES!r} is invalid: "
+                             f"must be all, base or new")
 
     def build_data_loader(self, **custom_transforms):
         dm = build_data_manager(self.cfg, **custom_transforms)
@@ -134,7 +137,7 @@ class RobustTrainer(TrainerX):
         resume_files = [osp.join(directory, n, RESUME_FILE) for n in names]
         if all(osp.isfile(p) for p in resume_files):
             for name, path in zip(names, resume_files):
-                state = torch.load(path, map_location=self.device, weights_only=True)
+                state = self._read_checkpoint(path)
                 self._models[name].load_state_dict(state["state_dict"])
                 self._optims[name].load_state_dict(state["optimizer"])
                 self._scheds[name].load_state_dict(state["scheduler"])
@@ -149,9 +152,8 @@ class RobustTrainer(TrainerX):
             print("No checkpoint found, train from scratch")
             return 0
         epoch = 0
-        for name, pointer in zip(names, pointers):
-            with open(pointer) as handle:
-                path = osp.join(directory, name, handle.readline().strip())
+        for name in names:
+            path = latest_checkpoint(osp.join(directory, name))
             state = self._read_checkpoint(path)
             self._models[name].load_state_dict(state["state_dict"])
             if state.get("scheduler"):
@@ -173,10 +175,8 @@ class RobustTrainer(TrainerX):
             path = osp.join(folder, f"model.pth.tar-{epoch}")
         else:
             path = osp.join(folder, "model-best.pth.tar")
-            pointer = osp.join(folder, "checkpoint")
-            if not osp.exists(path) and osp.isfile(pointer):
-                with open(pointer) as handle:  # no best_val selection: the latest checkpoint
-                    path = osp.join(folder, handle.readline().strip())
+            if not osp.exists(path) and osp.isfile(osp.join(folder, "checkpoint")):
+                path = latest_checkpoint(folder)  # no best_val selection: the latest checkpoint
         if not osp.isfile(path):
             raise FileNotFoundError(f"No checkpoint at {path} (--model-dir {directory}, --load-epoch {epoch}). "
                                     f"Train first, or point --model-dir at the training output folder.")
@@ -197,6 +197,13 @@ class RobustTrainer(TrainerX):
     def load_state_for(self, name, path):
         """Read a checkpoint of ours; subclasses may also accept other formats."""
         return self._read_checkpoint(path)
+
+
+def latest_checkpoint(folder: str) -> str:
+    """The file Dassl's `checkpoint` pointer in `folder` names."""
+    with open(osp.join(folder, "checkpoint")) as handle:
+        return osp.join(folder, handle.readline().strip())
+
 
 def rng_state():
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
