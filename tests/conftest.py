@@ -29,12 +29,18 @@ def tiny_l_clip():
     return random_clip("tiny-L", seed=1)
 
 
+def write_workspace(root, datasets):
+    """root/data/ with synthetic datasets {name: (classes, (train, val, test) per class)} in
+    their on-disk layouts, and root/tiny_clip.pt, a tiny random CLIP; returns root."""
+    from datasets.synthetic import write_dataset
+    from vlprompt.clip_loading import save_random_clip
+    for name, (n_classes, per_split) in datasets.items():
+        write_dataset(str(root / "data"), name, n_classes, per_split)
+    save_random_clip(str(root / "tiny_clip.pt"), "tiny")
+    return root
+
+
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory):
     """A tiny CoOp-format dataset (Caltech101 layout, 6 classes) and a tiny random CLIP file."""
-    from datasets.synthetic import write_dataset
-    from vlprompt.clip_loading import save_random_clip
-    root = tmp_path_factory.mktemp("workspace")
-    write_dataset(str(root / "data"), "Caltech101", n_classes=6, per_split=(4, 2, 3))
-    save_random_clip(str(root / "tiny_clip.pt"), "tiny")
-    return root
+    return write_workspace(tmp_path_factory.mktemp("workspace"), {"Caltech101": (6, (4, 2, 3))})

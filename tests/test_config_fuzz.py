@@ -5,7 +5,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import ROOT, requires_dassl
+from conftest import ROOT, requires_dassl, write_workspace
 
 pytestmark = requires_dassl
 
@@ -68,13 +68,7 @@ def base_command(trainer, root):
 
 @pytest.fixture(scope="module")
 def fuzz_root(tmp_path_factory):
-    from datasets.synthetic import write_dataset
-    from vlprompt.clip_loading import save_random_clip
-    root = tmp_path_factory.mktemp("fuzz")
-    write_dataset(str(root / "data"), "Caltech101", 4, (2, 1, 1))
-    write_dataset(str(root / "data"), "FER2013", 7, (1, 1, 1))
-    save_random_clip(str(root / "tiny_clip.pt"))
-    return root
+    return write_workspace(tmp_path_factory.mktemp("fuzz"), {"Caltech101": (4, (2, 1, 1)), "FER2013": (7, (1, 1, 1))})
 
 
 def one_step_and_one_eval_batch(trainer):

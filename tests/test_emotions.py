@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import requires_dassl
+from conftest import requires_dassl, write_workspace
 from test_datasets import build
 from test_trainer import run
 
@@ -120,13 +120,7 @@ def test_raf_bad_label_line_and_missing_image(tmp_path):
 
 @pytest.fixture(scope="module")
 def emotion_data(tmp_path_factory):
-    from datasets.synthetic import write_dataset
-    from vlprompt.clip_loading import save_random_clip
-    root = tmp_path_factory.mktemp("emotions")
-    write_dataset(str(root / "data"), "FER2013", 7, (6, 2, 3))
-    write_dataset(str(root / "data"), "RAFDB", 7, (6, 2, 3))
-    save_random_clip(str(root / "tiny_clip.pt"))
-    return root
+    return write_workspace(tmp_path_factory.mktemp("emotions"), {"FER2013": (7, (6, 2, 3)), "RAFDB": (7, (6, 2, 3))})
 
 
 def test_edgecnn_trainer_trains_and_tests_with_ten_crops(emotion_data):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, requires_dassl
+from conftest import ROOT, requires_dassl, write_workspace
 from vlprompt.io import OutputWriteError, atomic_torch_save, atomic_write, atomic_write_text
 
 
@@ -153,11 +153,8 @@ def break_images(folder):
 
 @requires_dassl
 def test_unreadable_image_stops_the_run_naming_it_or_is_skipped_on_request(tmp_path):
-    from datasets.synthetic import write_dataset
     from test_trainer import command, run
-    from vlprompt.clip_loading import save_random_clip
-    write_dataset(str(tmp_path / "data"), "Caltech101", n_classes=4, per_split=(2, 1, 3))
-    save_random_clip(str(tmp_path / "tiny_clip.pt"))
+    write_workspace(tmp_path, {"Caltech101": (4, (2, 1, 3))})
     truncated, not_image = break_images(tmp_path / "data" / "caltech-101")
     cmd = command(tmp_path, tmp_path / "out", "TEST.FINAL_MODEL", "last_step", subsample="all", epochs=1)
     failed = run(cmd, expect_ok=False)

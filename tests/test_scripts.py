@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, requires_dassl
+from conftest import ROOT, requires_dassl, write_workspace
 
 pytestmark = requires_dassl
 SCRIPTS = os.path.join(ROOT, "scripts")
@@ -13,12 +13,8 @@ SCRIPTS = os.path.join(ROOT, "scripts")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from datasets.synthetic import write_dataset
-    from vlprompt.clip_loading import save_random_clip
-    root = tmp_path_factory.mktemp("scripts")
-    for name in ("Caltech101", "EuroSAT"):
-        write_dataset(str(root / "data"), name, 6, (4, 2, 3))
-    clip_file = save_random_clip(str(root / "tiny_clip.pt"))
+    root = write_workspace(tmp_path_factory.mktemp("scripts"), {"Caltech101": (6, (4, 2, 3)), "EuroSAT": (6, (4, 2, 3))})
+    clip_file = str(root / "tiny_clip.pt")
     environment = dict(os.environ, DATA=str(root / "data"), OUTPUT=str(root / "output"), CFG="demo_tiny_clip",
                        VLPROMPT_CACHE=str(root / "cache"), PYTHONWARNINGS="ignore")
     return root, environment, ["MODEL.BACKBONE.PATH", clip_file]
