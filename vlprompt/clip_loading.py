@@ -136,6 +136,10 @@ ARCHITECTURES = {
     # text and vision of different widths (as ViT-B), small enough for CPU tests
     "tiny": dict(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128,
                  vision_patch_size=8, transformer_width=64, transformer_layers=3),
+    # ViT-B/16's widths (768 vision, 512 text) with 3 layers at 32 px: the releases of MaPLe and
+    # its family hard-code 768, so comparisons with them need these widths
+    "tiny-B": dict(embed_dim=512, image_resolution=32, vision_layers=3, vision_width=768,
+                   vision_patch_size=16, transformer_width=512, transformer_layers=3),
     # ViT-L-like: other widths, more vision than text layers, patch 14
     "tiny-L": dict(embed_dim=48, image_resolution=28, vision_layers=4, vision_width=192,
                    vision_patch_size=14, transformer_width=128, transformer_layers=3),
