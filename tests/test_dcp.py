@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from helpers import half_tolerance
+
 from conftest import ROOT, requires_dassl
 from vlprompt.clip_loading import cast_clip
 from vlprompt.dcp import DCP, DCPConfig
@@ -100,15 +102,16 @@ def test_prompt_sharing_changes_the_parameter_count(tiny_clip):
     assert (heads.visual.attn.num_heads, heads.text.attn.num_heads) == (2, 1)  # CLIP's: width // 64
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 0.02), (torch.bfloat16, 0.1)])
-def test_half_precisions_agree_with_fp32(tiny_clip, dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precisions_agree_with_fp32(tiny_clip, dtype):
     reference = build(tiny_clip).eval()
     half = build(cast_clip(copy.deepcopy(tiny_clip), dtype)).eval()
     half.prompt_learner.load_state_dict(reference.prompt_learner.state_dict())
     images = images_for(tiny_clip)
     with torch.no_grad():
         expected, got = reference(images), half(images)
-    assert (got - expected).abs().max() < tol  # logits span about +-2 here
+    assert (got - expected).abs().max() < half_tolerance(dtype, reference.logit_scale.exp().item())
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.8
 
 
 def test_a_few_steps_lower_the_loss(tiny_clip):
