@@ -99,3 +99,36 @@ def test_without_a_directory_nothing_is_written(setting):
     cache.features(paths, load(paths), encode)
     cache.save()
     assert not (folder / "cache").exists()
+
+
+CONCURRENT_WRITER = """
+import os, sys, time
+import torch
+sys.path.insert(0, {root!r})
+from vlprompt.feature_cache import ImageFeatureCache
+from test_feature_cache import load
+folder, me, other, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+cache = ImageFeatureCache(folder, "backbone", "transform", report=lambda _: None)
+cache.features(paths, load(paths), lambda images: images.mean(dim=(2, 3)))
+open(os.path.join(folder, "read_" + me), "w").close()
+while not os.path.exists(os.path.join(folder, "read_" + other)):  # both read before either writes
+    time.sleep(0.01)
+cache.save()
+"""
+
+
+def test_concurrent_writers_lose_no_rows(tmp_path):
+    """Two jobs that read the shard before either saved (a sweep's seeds evaluating at once)
+    each add their own rows; both sets survive."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    paths = write_images(tmp_path, 6)
+    script = CONCURRENT_WRITER.format(root=os.path.join(ROOT, "tests"))
+    jobs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), me, other, *mine])
+            for me, other, mine in (("a", "b", paths[:3]), ("b", "a", paths[3:]))]
+    assert [job.wait(timeout=120) for job in jobs] == [0, 0]
+    merged = ImageFeatureCache(str(tmp_path), "backbone", "transform", report=lambda _: None)
+    assert sorted(merged.rows) == sorted(os.path.realpath(p) for p in paths)
+    never = lambda images: pytest.fail("every row should come from the cache")  # noqa: E731
+    torch.testing.assert_close(merged.features(paths, load(paths), never), load(paths).mean(dim=(2, 3)))

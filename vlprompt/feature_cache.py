@@ -5,15 +5,18 @@ only on the backbone weights (and compute precision), the transform and the imag
 shard per (backbone, transform); inside it one row per image, stamped with the file's size and
 modification time, so an edited image is recomputed. Later evaluations, seeds and configs that
 share backbone and transform reuse the rows.
+
+Concurrent jobs (a sweep's seeds, base and new tests) share shards: a save merges this process's
+new rows into what is on disk at that moment, under a lock, so no writer loses another's rows.
 """
 import hashlib
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
 
-from .io import atomic_torch_save
+from .io import atomic_torch_save, file_lock
 
 
 def file_stamp(path: str) -> str:
@@ -28,19 +31,23 @@ class ImageFeatureCache:
         shard = hashlib.sha256(f"{backbone_key}\n{transform_key}".encode()).hexdigest()[:32]
         self.path = (os.path.join(os.path.expanduser(directory), "image_features", f"{shard}.pt")
                      if directory else None)
-        self.rows: Dict[str, Tuple[str, Tensor]] = {}  # real path -> (stamp, feature [E] fp32)
-        self.added = 0
+        self.rows: Dict[str, Tuple[str, Tensor]] = self._read_rows()  # real path -> (stamp, feature [E] fp32)
+        self.fresh: Set[str] = set()  # rows computed by this process and not saved yet
         self.hits = self.misses = 0
-        if self.path and os.path.isfile(self.path):
-            self._load()
+        if self.rows:
+            self.report(f"frozen image features: {len(self.rows)} cached in {self.path}")
 
-    def _load(self):
+    @property
+    def added(self) -> int:
+        return len(self.fresh)
+
+    def _read_rows(self) -> Dict[str, Tuple[str, Tensor]]:
+        if not self.path or not os.path.isfile(self.path):
+            return {}
         data = torch.load(self.path, map_location="cpu", weights_only=True)
         if (data.get("backbone"), data.get("transform")) != (self.backbone_key, self.transform_key):
-            return  # a hash collision on the shard name: ignore the file
-        for path, stamp, feature in zip(data["paths"], data["stamps"], data["features"]):
-            self.rows[path] = (stamp, feature)
-        self.report(f"frozen image features: {len(self.rows)} cached in {self.path}")
+            return {}  # a hash collision on the shard name: ignore the file
+        return {path: (stamp, feature) for path, stamp, feature in zip(data["paths"], data["stamps"], data["features"])}
 
     def features(self, impaths: Sequence[str], images: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
         """[B, E] features of `images` (whose files are `impaths`); computes only the missing rows."""
@@ -52,17 +59,23 @@ class ImageFeatureCache:
             fresh = compute(images.index_select(0, index)).float().cpu()
             for row, i in enumerate(missing):
                 self.rows[keys[i]] = (stamps[i], fresh[row])
-            self.added += len(missing)
+                self.fresh.add(keys[i])
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         return torch.stack([self.rows[k][1] for k in keys]).to(images.device)
 
     def save(self) -> None:
-        if not self.path or not self.added:
+        """Merge this process's new rows into the shard on disk (other jobs may have added
+        theirs since it was read) and write it back atomically, under the shard's lock."""
+        if not self.path or not self.fresh:
             return
-        paths: List[str] = list(self.rows)
-        atomic_torch_save({"backbone": self.backbone_key, "transform": self.transform_key, "paths": paths,
-                           "stamps": [self.rows[p][0] for p in paths],
-                           "features": torch.stack([self.rows[p][1] for p in paths])}, self.path)
-        self.report(f"frozen image features: {self.added} new, {len(paths)} cached in {self.path}")
-        self.added = 0
+        with file_lock(self.path + ".lock"):
+            merged = self._read_rows()
+            merged.update({path: self.rows[path] for path in self.fresh})
+            paths: List[str] = list(merged)
+            atomic_torch_save({"backbone": self.backbone_key, "transform": self.transform_key, "paths": paths,
+                               "stamps": [merged[p][0] for p in paths],
+                               "features": torch.stack([merged[p][1] for p in paths])}, self.path)
+        self.report(f"frozen image features: {len(self.fresh)} new, {len(paths)} cached in {self.path}")
+        self.rows = merged
+        self.fresh = set()

@@ -2,11 +2,13 @@
 
 A crash or a failed write leaves the previous file intact, never a half-written one.
 """
+import contextlib
+import fcntl
 import hashlib
 import io
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -82,3 +84,16 @@ def load_strict(module: torch.nn.Module, state: dict, source: str) -> None:
             f"backbone?): missing keys {missing[:6]}, unexpected keys {unexpected[:6]}, "
             f"shape mismatches {wrong[:6]}")
     module.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Exclusive lock on `path` (created if needed) between processes, held for the block; the
+    kernel releases it if the holder dies. POSIX locks (lockf) also hold across NFS clients."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
