@@ -103,3 +103,18 @@ def test_cache_is_reused_and_invalidated_by_any_input_change(tiny_clip, tmp_path
     cf.frozen_class_features(encoder, CLASSES, str(tmp_path / "none.json"), store=store)  # templates
     assert counter.calls == 5
     assert len(list((tmp_path / "cache" / "class_features").glob("*.pt"))) == 5
+
+
+def test_large_class_sets_report_progress_and_chunking_changes_nothing(tiny_clip):
+    """ImageNet-sized description sets take minutes on a CPU: every tenth of the chunks is
+    reported; the chunk size does not change the features."""
+    texts = [[f"a photo of a {c} {i}." for i in range(3)] for c in ("dog", "cat", "owl", "fox")]  # 12 texts
+    encoder = PromptedTextEncoder(tiny_clip)
+    lines = []
+    chunked = cf.encode_texts_per_class(encoder, texts, chunk=1, progress=lines.append)
+    assert lines[0] == "class text features: 2/12 texts of 4 classes encoded"
+    assert len(lines) == 10 and lines[-1] == "class text features: 12/12 texts of 4 classes encoded"
+    quiet = []
+    whole = cf.encode_texts_per_class(encoder, texts, chunk=256, progress=quiet.append)
+    assert quiet == []  # one chunk: nothing to report
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)

@@ -46,6 +46,7 @@ def in_process_trainer(workspace, tmp_path, *opts, trainer="HiCroPL"):
     from dassl.utils import set_random_seed
     from test_trainer import command
     cmd = command(workspace, tmp_path / "run", *opts)
+    cmd[cmd.index("--trainer") + 1] = trainer
     cfg = train.setup_cfg(train.build_parser().parse_args(cmd[2:]))
     set_random_seed(cfg.SEED)
     return build_trainer(cfg)

@@ -17,15 +17,34 @@ import torchvision
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 
+from vlprompt.class_features import ClassFeatureStore, frozen_class_features
 from vlprompt.clip_loading import cast_clip, load_clip
 from vlprompt.feature_cache import ImageFeatureCache
 from vlprompt.io import cache_root, tensors_fingerprint
+from vlprompt.prompted_clip import PromptedTextEncoder
+from vlprompt.templates import GENERIC_TEMPLATES
 
 from .robust_trainer import RobustTrainer
 from .config import PRECISIONS
 from .schedule import build_lr_scheduler
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_precision(prec: str, key: str, on_cuda: bool) -> None:
+    if prec not in PRECISIONS:
+        raise ValueError(f"{key}={prec!r} is invalid: must be one of {PRECISIONS}")
+    # is_bf16_supported() counts emulation (pre-Ampere GPUs) as support: bf16 would run, slowly
+    if prec == "bf16" and on_cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"{key}=bf16 but this GPU ({torch.cuda.get_device_name()}) has no native bf16 "
+                         f"(it would only be emulated, slowly); use fp16 or amp")
+
+
+def check_input_size(cfg, clip_model) -> None:
+    resolution = clip_model.visual.input_resolution
+    if tuple(cfg.INPUT.SIZE) != (resolution, resolution):
+        raise ValueError(f"INPUT.SIZE={tuple(cfg.INPUT.SIZE)} does not match the backbone's input "
+                         f"resolution {resolution}: set INPUT.SIZE ({resolution}, {resolution})")
 
 
 class ClipPromptTrainer(RobustTrainer):
@@ -45,17 +64,25 @@ class ClipPromptTrainer(RobustTrainer):
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
-        prec = cfg.TRAINER[self.METHOD].PREC
-        if prec not in PRECISIONS:
-            raise ValueError(f"TRAINER.{self.METHOD}.PREC={prec!r} is invalid: must be one of {PRECISIONS}")
-        if prec == "bf16" and torch.cuda.is_available() and cfg.USE_CUDA and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"TRAINER.{self.METHOD}.PREC=bf16 but this GPU has no bf16; use fp16 or amp")
+        check_precision(cfg.TRAINER[self.METHOD].PREC, f"TRAINER.{self.METHOD}.PREC",
+                        on_cuda=cfg.USE_CUDA and torch.cuda.is_available())
 
     # ---- model -----------------------------------------------------------------------------
     def load_frozen_clip(self):
+        """Frozen CLIP in fp32 on the run's device (cast to PREC later, by to_compute_precision)."""
         backbone = self.cfg.MODEL.BACKBONE
         print(f"Loading CLIP (backbone: {backbone.NAME}{', file: ' + backbone.PATH if backbone.PATH else ''})")
-        return load_clip(backbone.NAME, backbone.PATH, backbone.DOWNLOAD_ROOT or None)
+        clip_model = load_clip(backbone.NAME, backbone.PATH, backbone.DOWNLOAD_ROOT or None)
+        check_input_size(self.cfg, clip_model)
+        return clip_model.to(self.device)
+
+    def frozen_class_features(self, clip_model, classnames, descriptions_path=None, templates=GENERIC_TEMPLATES):
+        """Frozen CLIP's class text features [C, E] fp32, computed where the run computes (so
+        a GPU run does not wait on the CPU) before CLIP is cast to PREC, and cached on disk."""
+        store = ClassFeatureStore(cache_root(self.cfg.MODEL.FEATURE_CACHE_DIR), report=print)
+        chunk = 1024 if self.device.type == "cuda" else 256
+        return frozen_class_features(PromptedTextEncoder(clip_model), classnames, descriptions_path,
+                                     templates=templates, store=store, chunk=chunk)
 
     def to_compute_precision(self, clip_model):
         """fp16/bf16: cast frozen CLIP's matmul weights; fp32 and amp keep fp32 weights."""

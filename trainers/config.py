@@ -5,6 +5,11 @@ PRECISIONS = ("fp32", "fp16", "bf16", "amp")
 
 
 def extend_cfg(cfg: CN) -> CN:
+    # Bitwise-reproducible GPU runs (train.py --deterministic): deterministic algorithms only and
+    # no cuDNN autotuning, slower. Off: cuDNN autotunes (as in CoOp) and GPU results vary in the
+    # last digits between runs; CPU runs are reproducible either way.
+    cfg.DETERMINISTIC = False
+
     # Adam's epsilon: the release's configs set it (1e-3); upstream Dassl has no such key.
     cfg.OPTIM.EPS = 1e-8
 

@@ -4,7 +4,6 @@ from dassl.engine import TRAINER_REGISTRY
 from vlprompt.dcp import DCP as DCPModel, DCPConfig
 
 from .clip_prompt import ClipPromptTrainer
-from .hicropl import check_input_size
 
 
 def dcp_config(node, node_name: str) -> DCPConfig:
@@ -19,7 +18,6 @@ class DCP(ClipPromptTrainer):
 
     def build_prompt_model(self):
         clip_model = self.load_frozen_clip()
-        check_input_size(self.cfg, clip_model)
         self.to_compute_precision(clip_model)
         settings = dcp_config(self.method_cfg, f"TRAINER.{self.METHOD}")
         model = DCPModel(clip_model, settings, self.dm.dataset.classnames)

@@ -3,11 +3,10 @@ import os.path as osp
 
 from dassl.engine import TRAINER_REGISTRY
 
-from vlprompt.class_features import ClassFeatureStore, DescriptionsError, frozen_class_features
+from vlprompt.class_features import DescriptionsError
 from vlprompt.hicropl import (HiCroPL as HiCroPLModel, HiCroPLConfig, convert_release_state_dict,
                               load_release_checkpoint)
-from vlprompt.io import cache_root, load_strict
-from vlprompt.prompted_clip import PromptedTextEncoder
+from vlprompt.io import load_strict
 
 from .clip_prompt import ClipPromptTrainer
 
@@ -35,13 +34,6 @@ def hicropl_config(cfg) -> HiCroPLConfig:
                          n_heads=node.N_HEADS)
 
 
-def check_input_size(cfg, clip_model):
-    resolution = clip_model.visual.input_resolution
-    if tuple(cfg.INPUT.SIZE) != (resolution, resolution):
-        raise ValueError(f"INPUT.SIZE={tuple(cfg.INPUT.SIZE)} does not match the backbone's input "
-                         f"resolution {resolution}: set INPUT.SIZE ({resolution}, {resolution})")
-
-
 @TRAINER_REGISTRY.register()
 class HiCroPL(ClipPromptTrainer):
     METHOD = "HICROPL"
@@ -50,12 +42,9 @@ class HiCroPL(ClipPromptTrainer):
     def build_prompt_model(self):
         cfg = self.cfg
         clip_model = self.load_frozen_clip()
-        check_input_size(cfg, clip_model)
         classnames = self.dm.dataset.classnames
-        # frozen class features in fp32, before the backbone is cast to the run's precision
         try:
-            fixed = frozen_class_features(PromptedTextEncoder(clip_model), classnames, descriptions_path(cfg),
-                                          store=ClassFeatureStore(cache_root(cfg.MODEL.FEATURE_CACHE_DIR), report=print))
+            fixed = self.frozen_class_features(clip_model, classnames, descriptions_path(cfg))
         except DescriptionsError as err:
             raise DescriptionsError(f"{err} (set by DATASET.DESCRIPTIONS_FILE / DATASET.DESCRIPTIONS_DIR)") from err
         self.to_compute_precision(clip_model)

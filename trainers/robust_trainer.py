@@ -16,6 +16,7 @@ training ends.
 import os
 import os.path as osp
 import random
+from typing import List
 
 import numpy as np
 import torch
@@ -41,9 +42,39 @@ PRECISION_ADVICE = {
 }
 
 
+def run_device(requested: torch.device) -> torch.device:
+    """The one device a run uses, index included (Dassl asks for plain "cuda")."""
+    if requested.type == "cuda" and requested.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return requested
+
+
+def device_report(device: torch.device, visible_gpus: int) -> List[str]:
+    """What the log says about the device: which one, and a warning when GPUs sit idle."""
+    if device.type != "cuda":
+        return [f"Device: {device}"]
+    lines = [f"Device: {device} ({torch.cuda.get_device_name(device)})"]
+    if visible_gpus > 1:
+        lines.append(
+            f"warning: {visible_gpus} GPUs are visible but a run uses one ({device}); the others stay idle "
+            f"(Dassl's DataParallel is not used). Run one job per GPU instead: python -m vlprompt.sweep ... "
+            f"--gpus 0 1 2 3 (or --executor slurm --gpus-per-node N), or CUDA_VISIBLE_DEVICES=<id> per run.")
+    return lines
+
+
 class RobustTrainer(TrainerX):
     scaler = None  # a torch.amp.GradScaler when the trainer uses one
     amp_skipped = 0  # optimizer steps the scaler skipped this epoch
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @device.setter
+    def device(self, requested) -> None:
+        # Dassl assigns torch.device("cuda"); resolving the index once keeps the RNG state, the
+        # report and every .to() on the same GPU.
+        self._device = run_device(torch.device(requested))
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
@@ -56,6 +87,8 @@ class RobustTrainer(TrainerX):
                              f"must be all, base or new")
 
     def build_data_loader(self, **custom_transforms):
+        for line in device_report(self.device, torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            print(line)
         dm = build_data_manager(self.cfg, **custom_transforms)
         self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u
         self.val_loader, self.test_loader = dm.val_loader, dm.test_loader
@@ -128,7 +161,7 @@ class RobustTrainer(TrainerX):
                 "scheduler": self._scheds[name].state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "best_result": float(self.best_result),
-                "rng": rng_state(),
+                "rng": rng_state(self.device),
             }
             atomic_torch_save(state, osp.join(self.output_dir, name, RESUME_FILE))
 
@@ -138,13 +171,7 @@ class RobustTrainer(TrainerX):
         if all(osp.isfile(p) for p in resume_files):
             for name, path in zip(names, resume_files):
                 state = self._read_checkpoint(path)
-                self._models[name].load_state_dict(state["state_dict"])
-                self._optims[name].load_state_dict(state["optimizer"])
-                self._scheds[name].load_state_dict(state["scheduler"])
-                if self.scaler is not None and state["scaler"]:
-                    self.scaler.load_state_dict(state["scaler"])
-                self.best_result = state["best_result"]
-                set_rng_state(state["rng"])
+                self.restore_training_state(name, state)
             print(f"Resuming from {resume_files[0]} after epoch {state['epoch']}")
             return state["epoch"]
         pointers = [osp.join(directory, n, "checkpoint") for n in names]
@@ -162,9 +189,24 @@ class RobustTrainer(TrainerX):
         print(f"Found checkpoint {path} (epoch {epoch}) without optimizer state: continuing from it")
         return epoch
 
+    def restore_training_state(self, name, state):
+        """Continue from a resume file read on the CPU: weights are copied into the parameters
+        wherever they live, and Optimizer.load_state_dict moves the moments to the parameters'
+        device while keeping Adam's `step` counters on the CPU (on the GPU every step would sync
+        the host once per tensor)."""
+        self._models[name].load_state_dict(state["state_dict"])
+        self._optims[name].load_state_dict(state["optimizer"])
+        self._scheds[name].load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.best_result = state["best_result"]
+        set_rng_state(state["rng"], self.device)
+
     def _read_checkpoint(self, path):
+        """On the CPU whatever the run's device: RNG states must stay CPU tensors, and every
+        consumer (load_state_dict) copies to where its parameters are."""
         try:
-            return torch.load(path, map_location=self.device, weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise RuntimeError(f"could not read checkpoint {path} with torch.load(weights_only=True): "
                                f"{type(err).__name__}: {err}") from err
@@ -205,10 +247,12 @@ def latest_checkpoint(folder: str) -> str:
         return osp.join(folder, handle.readline().strip())
 
 
-def rng_state():
+def rng_state(device: torch.device):
+    """Random states to save: CPU generators, and the CUDA generator of the run's own device only
+    (a run may resume with fewer GPUs visible than it started with)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return _plain(state)
 
 
@@ -223,11 +267,14 @@ def _plain(obj):
     return obj
 
 
-def set_rng_state(state):
+def set_rng_state(state, device: torch.device):
     torch.set_rng_state(state["torch"].cpu())
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    cuda_state = state.get("cuda")
+    if isinstance(cuda_state, list):  # resume files written before: one state per visible GPU
+        cuda_state = cuda_state[device.index or 0] if len(cuda_state) > (device.index or 0) else None
+    if cuda_state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state.cpu(), device)

@@ -1,14 +1,10 @@
 """Dassl trainer `ZeroshotCLIP`: the zero-shot row of a comparison, from the same data and outputs."""
 from dassl.engine import TRAINER_REGISTRY
 
-from vlprompt.class_features import ClassFeatureStore, frozen_class_features
-from vlprompt.io import cache_root
-from vlprompt.prompted_clip import PromptedTextEncoder
 from vlprompt.templates import GENERIC_TEMPLATES, dataset_template
 from vlprompt.zero_shot import ZeroShotCLIP
 
 from .clip_prompt import ClipPromptTrainer
-from .hicropl import check_input_size
 
 TEMPLATE_SETS = ("dataset", "ensemble")
 
@@ -28,13 +24,10 @@ class ZeroshotCLIP(ClipPromptTrainer):
     def build_model(self):
         cfg = self.cfg
         clip_model = self.load_frozen_clip()
-        check_input_size(cfg, clip_model)
         templates = ([dataset_template(cfg.DATASET.NAME)] if cfg.TRAINER.ZSCLIP.TEMPLATES == "dataset"
                      else list(GENERIC_TEMPLATES))
         print(f"Zero-shot prompts: {templates}")
-        features = frozen_class_features(PromptedTextEncoder(clip_model), self.dm.dataset.classnames,
-                                         templates=templates,
-                                         store=ClassFeatureStore(cache_root(cfg.MODEL.FEATURE_CACHE_DIR), report=print))
+        features = self.frozen_class_features(clip_model, self.dm.dataset.classnames, templates=templates)
         self.to_compute_precision(clip_model)
         self.model = ZeroShotCLIP(clip_model, features).to(self.device)
         self.scaler = None

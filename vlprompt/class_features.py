@@ -59,16 +59,25 @@ def texts_per_class(classnames: Sequence[str], descriptions: Optional[Dict[str, 
     return [list(descriptions[name]) for name in names]
 
 
+PROGRESS_MIN_CHUNKS = 10  # class sets this large report their progress (every tenth)
+
+
 @torch.no_grad()
-def encode_texts_per_class(text_encoder: PromptedTextEncoder, texts: List[List[str]],
-                           chunk: int = 256) -> Tensor:
-    """[C, E] fp32: normalise each text feature, average per class, renormalise."""
+def encode_texts_per_class(text_encoder: PromptedTextEncoder, texts: List[List[str]], chunk: int = 256,
+                           progress: Optional[Callable[[str], None]] = None) -> Tensor:
+    """[C, E] fp32: normalise each text feature, average per class, renormalise. Computed on the
+    encoder's device, `chunk` texts at a time."""
     flat = [t for group in texts for t in group]
     device = text_encoder.text_projection.device
+    n_chunks = -(-len(flat) // chunk)
     features = []
-    for start in range(0, len(flat), chunk):
+    for index, start in enumerate(range(0, len(flat), chunk)):
         tokens = clip_api.tokenize(flat[start:start + chunk], truncate=True).to(device)
         features.append(text_encoder(tokens).float())
+        tenth_passed = (index + 1) * 10 // n_chunks > index * 10 // n_chunks
+        if progress and n_chunks >= PROGRESS_MIN_CHUNKS and tenth_passed:
+            done = min(start + chunk, len(flat))
+            progress(f"class text features: {done}/{len(flat)} texts of {len(texts)} classes encoded")
     features = torch.cat(features)
     features = features / features.norm(dim=-1, keepdim=True)
     out, start = [], 0
@@ -107,14 +116,14 @@ class ClassFeatureStore:
         return os.path.join(self.directory, "class_features", f"{digest}.pt")
 
     def features(self, text_encoder: PromptedTextEncoder, classnames: Sequence[str],
-                 texts: List[List[str]]) -> Tensor:
+                 texts: List[List[str]], chunk: int = 256) -> Tensor:
         path = self.path_for(text_encoder, classnames, texts)
         if path and os.path.isfile(path):
             cached = torch.load(path, map_location="cpu", weights_only=True)
             if cached.get("classnames") == list(classnames):
                 self.report(f"class text features read from cache {path}")
                 return cached["features"]
-        features = encode_texts_per_class(text_encoder, texts).cpu()
+        features = encode_texts_per_class(text_encoder, texts, chunk, progress=self.report).cpu()
         if path:
             atomic_torch_save({"classnames": list(classnames), "features": features}, path)
             self.report(f"class text features cached at {path}")
@@ -124,9 +133,10 @@ class ClassFeatureStore:
 def frozen_class_features(text_encoder: PromptedTextEncoder, classnames: Sequence[str],
                           descriptions_path: Optional[str] = None,
                           templates: Sequence[str] = GENERIC_TEMPLATES,
-                          store: Optional[ClassFeatureStore] = None) -> Tensor:
-    """Class text features of frozen CLIP, from descriptions when the file exists, else templates.
-    Which source was used is reported through the store's `report` (logging by default)."""
+                          store: Optional[ClassFeatureStore] = None, chunk: int = 256) -> Tensor:
+    """Class text features of frozen CLIP [C, E] fp32 on the CPU, from descriptions when the file
+    exists, else templates, computed on the encoder's device. Which source was used, and the
+    progress over large class sets, is reported through the store's `report` (logging by default)."""
     store = store or ClassFeatureStore(None)
     if descriptions_path and os.path.isfile(descriptions_path):
         texts = texts_per_class(classnames, load_descriptions(descriptions_path), source=descriptions_path)
@@ -136,4 +146,4 @@ def frozen_class_features(text_encoder: PromptedTextEncoder, classnames: Sequenc
         texts = texts_per_class(classnames, None, templates)
         reason = f"{descriptions_path} not found" if descriptions_path else "no descriptions file set"
         store.report(f"frozen class text features from {len(templates)} prompt templates ({reason})")
-    return store.features(text_encoder, classnames, texts)
+    return store.features(text_encoder, classnames, texts, chunk)

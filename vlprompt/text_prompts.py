@@ -59,7 +59,7 @@ def initial_context(token_embedding: nn.Embedding, n_ctx: int, ctx_init: str,
         if n_ctx <= ctx_init_words(words):
             with torch.no_grad():
                 embedding = token_embedding(tokens.to(token_embedding.weight.device))
-            return embedding[0, 1:1 + n_ctx].float().cpu().clone(), words
+            return embedding[0, 1:1 + n_ctx].float().clone(), words
     return None, " ".join(["X"] * n_ctx)
 
 
