@@ -108,7 +108,8 @@ def test_slurm_submission_is_generated_without_a_cluster(tmp_path, monkeypatch, 
                        "--seeds", "1", "--data", "/data", "--output", str(tmp_path / "out"), "--executor", "slurm",
                        "--folder", str(tmp_path / "logs"), "--profile", str(profile), "--time", "120",
                        "--array-parallelism", "2"]) == 0
-    assert "submitted 3 run(s) as Slurm array 702 after 701" in capsys.readouterr().out
+    assert "submitted 3 run(s) as Slurm array 702 of 3 job(s), 1 GPU(s) and up to 1 run(s) each, after 701" in \
+        capsys.readouterr().out
     trains, tests = ((tmp_path / "sent" / f"{i}.sh").read_text() for i in (1, 2))
     for flag in ("--array=0-2%2", "--partition=a100", "--time=120", "--mem=48GB", "--cpus-per-task=6",
                  "--gpus-per-node=1", f"--output={tmp_path / 'logs'}/%A_%a_0_log.out"):
@@ -122,3 +123,35 @@ def test_bad_profile_key_is_named(tmp_path):
     profile.write_text("partitoin: gpu\n")
     with pytest.raises(SystemExit, match="unknown key.*partitoin"):
         sweep.slurm_params(sweep.parse_args(["--task", "xd", "--trainer", "HiCroPL", "--profile", str(profile)]))
+
+
+def test_slurm_jobs_with_several_gpus_run_one_run_per_gpu(tmp_path, monkeypatch, capsys):
+    """--gpus-per-node 2: each job asks for 2 GPUs (and twice the per-run CPUs and memory) and
+    runs 2 runs of its stage at once, so no requested GPU idles."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path}/sent.sh\necho \"Submitted batch job 900\"\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert sweep.main(["--task", "fewshot", "--trainer", "DCP", "--datasets", "dtd", "--shots", "1", "2", "4",
+                       "--seeds", "1", "--data", "/data", "--output", str(tmp_path / "out"), "--executor", "slurm",
+                       "--folder", str(tmp_path / "logs"), "--gpus-per-node", "2", "--cpus-per-task", "6",
+                       "--mem", "40GB"]) == 0
+    assert "submitted 3 run(s) as Slurm array 900 of 2 job(s), 2 GPU(s) and up to 2 run(s) each" in capsys.readouterr().out
+    script = (tmp_path / "sent.sh").read_text()
+    for flag in ("--array=0-1%2", "--gpus-per-node=2", "--cpus-per-task=12", "--mem=80GB"):
+        assert f"#SBATCH {flag}" in script
+
+
+def test_a_job_gives_each_of_its_runs_its_own_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    show = [sys.executable, "-c", "import os; print('gpu', os.environ['CUDA_VISIBLE_DEVICES'])"]
+    out = sweep.execute_runs([show, show], {})
+    assert sorted(out.split()) == ["3", "5", "gpu", "gpu"]
+    with pytest.raises(RuntimeError, match="3 runs packed into a job that sees 2 GPU"):
+        sweep.execute_runs([show] * 3, {})
+    fail = [sys.executable, "-c", "import sys; sys.exit('broken run')"]
+    with pytest.raises(RuntimeError, match="exited with 1:\nbroken run"):
+        sweep.execute_runs([show, fail], {})

@@ -15,6 +15,7 @@ options passed to every run.
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -112,14 +113,29 @@ def default_datasets(task: str) -> List[str]:
     return {"base2new": BASE2NEW, "fewshot": BASE2NEW, "xd": XD_TARGETS, "dg": DG_TARGETS}[task]
 
 
-def execute_run(command: List[str], env: Dict[str, str]) -> str:
-    """The job: one task script call (runs in the submitit worker)."""
-    proc = subprocess.run(command, env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True)
-    sys.stdout.write(proc.stdout)
-    sys.stderr.write(proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return proc.stdout[-500:]
+def execute_runs(commands: List[List[str]], env: Dict[str, str]) -> str:
+    """The job (runs in the submitit worker): task script calls, all at once. A Slurm job that
+    holds N GPUs runs N calls, one GPU each (a run uses one GPU, so none idles)."""
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    if len(commands) > 1 and len(gpus) < len(commands):
+        raise RuntimeError(f"{len(commands)} runs packed into a job that sees {len(gpus)} GPU(s) "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
+    procs = []
+    for index, command in enumerate(commands):
+        run_env = {**os.environ, **env, **({"CUDA_VISIBLE_DEVICES": gpus[index]} if len(commands) > 1 else {})}
+        procs.append(subprocess.Popen(command, env=run_env, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    failures, outputs = [], []
+    for command, proc in zip(commands, procs):
+        stdout, stderr = proc.communicate()
+        sys.stdout.write(stdout)
+        sys.stderr.write(stderr)
+        outputs.append(stdout[-500:])
+        if proc.returncode != 0:
+            failures.append(f"{' '.join(command)} exited with {proc.returncode}:\n{stderr[-2000:]}")
+    if failures:
+        raise RuntimeError("\n".join(failures))
+    return "\n".join(outputs)
 
 
 def job_env(grid: Grid, data: str) -> Dict[str, str]:
@@ -179,7 +195,7 @@ def run_local(runs: Sequence[Run], options, env, folder: str, slots: Sequence[Op
                                            visible_gpus=() if slot is None else (slot,))
             print(f"start {run.key}" + ("" if slot is None else f" on GPU {slot}"), flush=True)
             job_env = env if slot is not None else {"OMP_NUM_THREADS": str(cpu_threads), **env}
-            running[index] = (run, executor.submit(execute_run, run.command(options), job_env))
+            running[index] = (run, executor.submit(execute_runs, [run.command(options)], job_env))
         if running and not debug:
             time.sleep(1.0)
     return status
@@ -187,22 +203,39 @@ def run_local(runs: Sequence[Run], options, env, folder: str, slots: Sequence[Op
 
 SLURM_DEFAULTS = {"partition": None, "gpus_per_node": 1, "cpus_per_task": 8, "time": 240, "mem": "32GB",
                   "array_parallelism": 16, "job_name": "sweep"}
+PER_RUN = ("cpus_per_task", "mem")  # given per run; a job packing N runs asks for N times as much
+
+
+def packed(runs: Sequence[Run], per_job: int) -> List[List[Run]]:
+    return [list(runs[i:i + per_job]) for i in range(0, len(runs), per_job)]
+
+
+def job_resources(params: Dict, runs_per_job: int) -> Dict:
+    settings = {k: v for k, v in params.items() if v is not None}
+    settings["cpus_per_task"] = settings["cpus_per_task"] * runs_per_job
+    number, unit = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", str(settings["mem"])).groups()
+    settings["mem"] = f"{int(number) * runs_per_job}{unit}"
+    return settings
 
 
 def submit_slurm(runs: Sequence[Run], options, env, folder: str, params: Dict) -> List[str]:
-    """One Slurm job array per stage; each array starts after the previous one succeeded."""
+    """One Slurm job array per stage; each array starts after the previous one succeeded. A run
+    uses one GPU: with gpus_per_node N each job takes N GPUs and runs N runs of its stage at once."""
     import submitit
+    per_job = max(1, int(params["gpus_per_node"] or 1))
     ids: List[str] = []
     for group in stages(runs):
+        jobs_runs = packed(group, per_job)
         executor = submitit.SlurmExecutor(folder)
-        settings = {k: v for k, v in params.items() if v is not None}
+        settings = job_resources(params, per_job)
         if ids:
             settings["additional_parameters"] = {"dependency": f"afterok:{ids[-1]}"}
         executor.update_parameters(**settings)
-        jobs = executor.map_array(execute_run, [r.command(options) for r in group], [env] * len(group))
+        jobs = executor.map_array(execute_runs, [[r.command(options) for r in job] for job in jobs_runs],
+                                  [env] * len(jobs_runs))
         ids.append(jobs[0].job_id.split("_")[0])
-        print(f"submitted {len(group)} run(s) as Slurm array {ids[-1]}"
-              + (f" after {ids[-2]}" if len(ids) > 1 else ""))
+        print(f"submitted {len(group)} run(s) as Slurm array {ids[-1]} of {len(jobs_runs)} job(s), "
+              f"{per_job} GPU(s) and up to {per_job} run(s) each" + (f", after {ids[-2]}" if len(ids) > 1 else ""))
     return ids
 
 
@@ -222,6 +255,8 @@ def slurm_params(args) -> Dict:
             params[key] = value
     if str(params["mem"]).isdigit():  # a bare number means GB here (sbatch would read MB)
         params["mem"] = f"{params['mem']}GB"
+    if not re.fullmatch(r"\d+\s*[A-Za-z]*", str(params["mem"])):
+        raise SystemExit(f"--mem / mem={params['mem']!r} is invalid: give a size such as 32GB")
     return params
 
 
@@ -247,10 +282,11 @@ def parse_args(argv=None):
     slurm = parser.add_argument_group("slurm executor (flags override --profile)")
     slurm.add_argument("--profile", help="YAML with any of: " + ", ".join(SLURM_DEFAULTS))
     slurm.add_argument("--partition")
-    slurm.add_argument("--gpus-per-node", dest="gpus_per_node", type=int)
-    slurm.add_argument("--cpus-per-task", dest="cpus_per_task", type=int)
+    slurm.add_argument("--gpus-per-node", dest="gpus_per_node", type=int,
+                       help="GPUs per job (default 1); a run uses one GPU, so a job runs this many runs at once")
+    slurm.add_argument("--cpus-per-task", dest="cpus_per_task", type=int, help="CPUs per run")
     slurm.add_argument("--time", type=int, help="minutes")
-    slurm.add_argument("--mem", help="e.g. 32GB (a bare number is GB)")
+    slurm.add_argument("--mem", help="memory per run, e.g. 32GB (a bare number is GB)")
     slurm.add_argument("--array-parallelism", dest="array_parallelism", type=int)
     parser.add_argument("options", nargs=argparse.REMAINDER, help="-- then config options for every run")
     args = parser.parse_args(argv)
