@@ -1,5 +1,6 @@
 """Train or evaluate a prompt learner with Dassl: the CoOp / MaPLe command line."""
 import argparse
+import os
 import sys
 import warnings
 
@@ -47,6 +48,8 @@ def reset_cfg(cfg, args):
         cfg.MODEL.BACKBONE.NAME = args.backbone
     if args.head:
         cfg.MODEL.HEAD.NAME = args.head
+    if args.deterministic:
+        cfg.DETERMINISTIC = True
 
 
 def setup_cfg(args):
@@ -61,14 +64,30 @@ def setup_cfg(args):
     return cfg
 
 
+def configure_determinism(deterministic: bool, on_cuda: bool) -> str:
+    """Bitwise-reproducible GPU runs on request (same seed, same result; resume equals an
+    uninterrupted run), at some cost in speed; by default cuDNN autotunes, as in CoOp."""
+    if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, read when CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        return "Deterministic mode: deterministic algorithms only, cuDNN autotuning off (bitwise reproducible)"
+    torch.backends.cudnn.benchmark = on_cuda
+    return ("cuDNN autotuning on: GPU results vary in the last digits between runs (--deterministic to avoid it)"
+            if on_cuda else "")
+
+
 def main(args):
     cfg = setup_cfg(args)
+    determinism = configure_determinism(cfg.DETERMINISTIC, on_cuda=torch.cuda.is_available() and cfg.USE_CUDA)
     if cfg.SEED >= 0:
         print(f"Setting fixed seed: {cfg.SEED}")
         set_random_seed(cfg.SEED)
     setup_logger(cfg.OUTPUT_DIR)
-    if torch.cuda.is_available() and cfg.USE_CUDA:
-        torch.backends.cudnn.benchmark = True
+    if determinism:
+        print(determinism)
     print_args(args, cfg)
     print("Collecting env info ...")
     print(f"** System info **\n{collect_env_info()}\n")
@@ -103,6 +122,9 @@ def build_parser():
     parser.add_argument("--model-dir", type=str, default="", help="load model from this directory for eval-only mode")
     parser.add_argument("--load-epoch", type=int, help="load model weights at this epoch for evaluation")
     parser.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="bitwise-reproducible GPU runs (deterministic algorithms, no cuDNN autotuning; "
+                             "slower); the same as the config option DETERMINISTIC True")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="modify config options from the command line")
     return parser
 

@@ -201,3 +201,26 @@ def test_last_step_final_model(workspace):
     assert sorted(p.name for p in (out / "VLPromptLearner").iterdir()) == ["checkpoint", "model.pth.tar-2"]
     evaluated = run(command(workspace, workspace / "last_step_eval", eval_only_from=out))
     assert "model.pth.tar-2" in evaluated.stdout  # no model-best: the latest checkpoint
+
+
+def test_deterministic_mode_trains_and_says_so(workspace):
+    """--deterministic turns on torch's deterministic algorithms (which raise on any op without a
+    deterministic kernel) and turns cuDNN autotuning off; the run trains under them."""
+    proc = run(command(workspace, workspace / "deterministic", "--deterministic", epochs=1))
+    assert "Deterministic mode: deterministic algorithms only" in proc.stdout
+    assert (workspace / "deterministic" / "VLPromptLearner" / "model.pth.tar-1").exists()
+
+
+def test_configure_determinism_sets_torch_and_cublas(monkeypatch):
+    import train
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        assert "Deterministic mode" in train.configure_determinism(True, on_cuda=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    assert "autotuning on" in train.configure_determinism(False, on_cuda=True) and torch.backends.cudnn.benchmark
+    assert train.configure_determinism(False, on_cuda=False) == "" and not torch.backends.cudnn.benchmark
