@@ -7,12 +7,15 @@ class text features for every test batch, with no caches. Measured in one run:
   (a) training step (forward + backward + Adam), median of timed steps after warm-up, at 50 and
       at 500 classes (ImageNet's base half);
   (b) evaluation of the same test images three times in a row (as best_val model selection does
-      every epoch), at test batch 32;
-  (c) peak training memory (RSS on CPU, max allocated on GPU), each path in its own process.
+      every epoch), at test batch 32, timed on decoded image tensors: JPEG decoding is host work
+      that both paths share (the frozen-feature cache is still keyed by the image files);
+  (c) peak training memory (RSS on CPU, max allocated on the chosen GPU), each path in its own
+      process.
 Both paths are first checked to give the same logits and loss.
 
     python benchmarks/bench_hicropl.py                     # CPU defaults: about 10 minutes on 2 cores
     python benchmarks/bench_hicropl.py --device cuda --dtype fp16 --batch 32 --steps 10 --test-images 1000
+    python benchmarks/bench_hicropl.py --device cuda:1 ...   # any one GPU
 """
 import argparse
 import json
@@ -85,9 +88,13 @@ def batch(args, n_classes, size=None, seed=0):
     return images, labels
 
 
+def on_gpu(args) -> bool:
+    return torch.device(args.device).type == "cuda"
+
+
 def sync(args):
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    if on_gpu(args):
+        torch.cuda.synchronize(args.device)
 
 
 def autocast(args):
@@ -136,14 +143,16 @@ def write_test_images(folder, n, res):
     return paths
 
 
-def load_batch(paths, args):
+def decode(paths):
+    """[N, 3, H, W] normalised images, decoded once on the host before any timing."""
     tensors = [(torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 255 - MEAN) / STD
                for p in paths]
-    return torch.stack(tensors).to(args.device)
+    return torch.stack(tensors)
 
 
-def eval_passes(model, paths, args, cache_dir=None, passes=3):
-    """Seconds for `passes` evaluations of all test images; ours reuses frozen features."""
+def eval_passes(model, paths, decoded, args, cache_dir=None, passes=3):
+    """Seconds for `passes` evaluations of all test images (decoded tensors, moved to the device
+    per batch as a loader would); ours reuses frozen features."""
     model.eval()
     sync(args)
     start = time.perf_counter()
@@ -158,7 +167,7 @@ def eval_passes(model, paths, args, cache_dir=None, passes=3):
                 out = []
                 for i in range(0, len(paths), args.test_batch):
                     chunk = paths[i:i + args.test_batch]
-                    images = load_batch(chunk, args)
+                    images = decoded[i:i + args.test_batch].to(args.device)
                     zero_shot = cache.features(chunk, images, model.zero_shot_image_features) if cache else None
                     out.append(model(images, zero_shot=zero_shot).argmax(1).cpu())
                 predictions.append(torch.cat(out))
@@ -173,13 +182,14 @@ def memory_probe(args):
     clip_model = build_clip(args)
     model = build_pair(clip_model, args.classes[0], args, which=(args.memory_probe,))[args.memory_probe]
     del clip_model  # the model holds what it needs; the reference keeps its teacher copy
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    if on_gpu(args):
+        sync(args)
+        torch.cuda.reset_peak_memory_stats(args.device)
     else:
         reset_peak_rss()  # the peak while training, not while building the random CLIP
     train_step_times(model, args, args.classes[0], warmup=1, steps=3)
-    if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    if on_gpu(args):
+        peak = torch.cuda.max_memory_allocated(args.device) / 2 ** 20
     else:
         peak = peak_rss_mb()
     print(json.dumps({"peak_mb": peak}))
@@ -213,14 +223,16 @@ def measure_memory(args):
                "--dtype", args.dtype, "--batch", str(args.batch), "--arch", args.arch,
                "--classes", str(args.classes[0]), str(args.classes[1]), "--n-ctx", str(args.n_ctx),
                "--depth", str(args.depth), "--cross-layer", str(args.cross_layer)] + (["--amp"] if args.amp else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        peaks[path] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:  # the child's own error, not just its exit status
+            sys.exit(f"the memory probe of the {path} path failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        peaks[path] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
     return peaks
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="frozen CLIP weights and activations")
     parser.add_argument("--amp", action="store_true", help="fp32 weights under fp16 autocast")
     parser.add_argument("--arch", default="ViT-B/16", help="backbone shapes (ViT-B/16, ViT-B/32, ViT-L/14)")
@@ -264,15 +276,21 @@ def main():
         if n_classes == args.classes[0]:
             with tempfile.TemporaryDirectory() as tmp:
                 paths = write_test_images(tmp, args.test_images, args.resolution)
-                ours_s, ours_pred = eval_passes(models["ours"], paths, args, cache_dir=os.path.join(tmp, "cache"))
-                ref_s, ref_pred = eval_passes(models["reference"], paths, args)
+                decoded = decode(paths)
+                ours_s, ours_pred = eval_passes(models["ours"], paths, decoded, args,
+                                                cache_dir=os.path.join(tmp, "cache"))
+                ref_s, ref_pred = eval_passes(models["reference"], paths, decoded, args)
             agree = float((ours_pred[-1] == ref_pred[-1]).float().mean())
             results["eval"] = (ours_s, ref_s)
-            print(f"eval, 3 passes over {args.test_images} images: ours {ours_s:.2f} s, reference {ref_s:.2f} s "
+            print(f"eval (decoded tensors), 3 passes over {args.test_images} images: ours {ours_s:.2f} s, "
+                  f"reference {ref_s:.2f} s "
                   f"({args.test_images * 3 / ours_s:.2f} vs {args.test_images * 3 / ref_s:.2f} images/s); "
                   f"predictions agree on {agree:.0%}")
         del models
 
+    del clip_model  # the probes run in their own processes: leave them the memory
+    if on_gpu(args):
+        torch.cuda.empty_cache()
     c1, c2 = args.classes
     speedup = results[("reference", c1)] / results[("ours", c1)]
     speedup_large = results[("reference", c2)] / results[("ours", c2)]
@@ -281,7 +299,7 @@ def main():
             f"eval_speedup={eval_speedup:.2f}")
     if not args.skip_memory:
         peaks = measure_memory(args)
-        print(f"peak training memory ({'max allocated' if args.device.startswith('cuda') else 'RSS'}), "
+        print(f"peak training memory ({'max allocated on ' + args.device if on_gpu(args) else 'RSS'}), "
               f"{c1} classes: ours {peaks['ours']:.0f} MB, reference {peaks['reference']:.0f} MB")
         line += f" peak_memory_ratio={peaks['ours'] / peaks['reference']:.2f}"
     print(line)
