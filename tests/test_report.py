@@ -1,12 +1,16 @@
-"""The results report on hand-written output folders laid out as MaPLe/PromptSRC/CoOp lay them out."""
+"""The comparison report on hand-written output folders laid out as MaPLe/PromptSRC/CoOp lay them out."""
 import csv
+import math
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from test_parse_test_res import base2new_layout, eval_log, train_log, write
-from vlprompt.report import report
+from vlprompt import report_figures
+from vlprompt.report import build, main, report
+
+QUIET = dict(echo=lambda *_: None, warn=lambda *_: None)
 
 
 def assert_picture(path):
@@ -16,29 +20,106 @@ def assert_picture(path):
     assert (image < 128).mean() > 0.01 and len(np.unique(image)) > 20
 
 
-def test_base2new_report_beside_maple_with_incomplete_seeds_marked(tmp_path):
-    base2new_layout(tmp_path / "base2new", {"dtd": ((82.0, 84.0, 83.0), (60.0, 62.0, 61.0)),
-                               "eurosat": ((95.0, 96.0, 97.0), (70.0, 72.0, 74.0))}, "HiCroPL", "c16")
-    base2new_layout(tmp_path / "base2new", {"dtd": ((80.0, 81.0, 82.0), (58.0, 59.0, 60.0)), "eurosat": ((94.0, 95.0), (73.0, 74.0))},
+def zero_shot_layout(root, results):
+    for dataset, (base, new) in results.items():
+        write(root / "base2new/test_base" / dataset / "shots_16/ZeroshotCLIP/vit_b16/seed1/log.txt", eval_log(base))
+        write(root / "base2new/test_new" / dataset / "shots_16/ZeroshotCLIP/vit_b16/seed1/log.txt", eval_log(new))
+
+
+@pytest.fixture
+def three_methods(tmp_path):
+    """3 methods x 3 datasets: MaPLe lacks eurosat's seed 3, zero-shot CLIP lacks eurosat."""
+    base2new_layout(tmp_path / "base2new", {"caltech101": ((98.0, 98.0, 98.3), (95.0, 95.0, 95.3)),
+                                            "dtd": ((82.0, 84.0, 83.0), (60.0, 62.0, 61.0)),
+                                            "eurosat": ((95.0, 96.0, 97.0), (70.0, 72.0, 74.0))}, "HiCroPL", "c16")
+    base2new_layout(tmp_path / "base2new", {"caltech101": ((97.0, 97.0, 97.0), (94.0, 94.0, 94.0)),
+                                            "dtd": ((80.0, 81.0, 82.0), (58.0, 59.0, 60.0)),
+                                            "eurosat": ((94.0, 95.0), (73.0, 74.0))},
                     "MaPLe", "vit_b16_c2_ep5_batch4_2ctx")
-    zero_shot = "shots_16/ZeroshotCLIP/vit_b16/seed1/log.txt"
-    for dataset, (b, n) in {"dtd": (53.2, 59.9), "eurosat": (56.5, 64.1)}.items():
-        write(tmp_path / "base2new/test_base" / dataset / zero_shot, eval_log(b))
-        write(tmp_path / "base2new/test_new" / dataset / zero_shot, eval_log(n))
-    rows = report("base2new", ["HiCroPL/c16", "MaPLe/vit_b16_c2_ep5_batch4_2ctx", "ZeroshotCLIP"], str(tmp_path),
-                  ["eurosat", "dtd"], out=str(tmp_path / "report"), echo=lambda *_: None)
-    md = (tmp_path / "report" / "base2new.md").read_text()
-    assert "| HiCroPL | dtd | 83.00 ± 0.82 | 61.00 ± 0.82 | 70.32 |" in md  # papers' dataset order
-    assert "| MaPLe | eurosat | 94.50 ± 0.50 (incomplete: 2/3 seeds) | 73.50 ± 0.50 (incomplete: 2/3 seeds)" in md
-    assert "| MaPLe | Average (1/2 datasets) |" in md  # averages only complete datasets, and says so
-    assert "| ZeroshotCLIP | dtd | 53.20 ± 0.00 | 59.90 ± 0.00 |" in md  # one deterministic run
-    average = [r for r in rows if r["method"] == "HiCroPL" and r["dataset"].startswith("Average")][0]
-    assert average["base"].mean == pytest.approx(89.5) and average["new"].mean == pytest.approx(66.5)
-    table = list(csv.DictReader(open(tmp_path / "report" / "base2new.csv")))
+    zero_shot_layout(tmp_path, {"caltech101": (96.8, 94.0), "dtd": (53.2, 59.9)})
+    return tmp_path
+
+
+METHODS = ["CLIP=ZeroshotCLIP/vit_b16", "MaPLe/vit_b16_c2_ep5_batch4_2ctx", "HiCroPL/c16"]
+DATASETS = ["eurosat", "dtd", "caltech101"]  # printed in the papers' order whatever the order given
+
+
+def test_base2new_table_has_the_hicropl_paper_layout(three_methods):
+    report("base2new", METHODS, str(three_methods), DATASETS, out=str(three_methods / "report"), **QUIET)
+    md = (three_methods / "report" / "base2new.md").read_text()
+    blocks = [line for line in md.splitlines() if line.startswith("## ")]
+    assert blocks == ["## Average over 3 datasets", "## Caltech101", "## DTD", "## EuroSAT", "## HM per dataset"]
+    dtd = md.split("## DTD")[1].split("##")[0].strip().splitlines()
+    assert dtd[0] == "| Method | Base | New | HM |"
+    assert [row.split(" | ")[0] for row in dtd[2:]] == ["| CLIP", "| MaPLe", "| HiCroPL"]  # one row per method
+    per_seed_hm = [2 * b * n / (b + n) for b, n in ((82.0, 60.0), (84.0, 62.0), (83.0, 61.0))]
+    assert f"| HiCroPL | 83.00 ± 0.82 | 61.00 ± 0.82 | 70.32 ± {np.std(per_seed_hm):.2f} |" in dtd
+    assert "| CLIP | 53.20 | 59.90 | 56.35 |" in dtd  # one deterministic run: no ± at all
+    eurosat = md.split("## EuroSAT")[1]
+    assert "| MaPLe | 94.50 ± 0.50 (incomplete: 2/3 seeds) | 73.50 ± 0.50 (incomplete: 2/3 seeds) |" in eurosat
+    assert "| CLIP | missing | missing | missing |" in eurosat
+    wide = md.split("## HM per dataset")[1]
+    assert "| Method | Average | Caltech101 | DTD | EuroSAT |" in wide
+    table = list(csv.DictReader(open(three_methods / "report" / "base2new.csv")))
     maple = [r for r in table if r["method"] == "MaPLe" and r["dataset"] == "eurosat" and r["metric"] == "base"][0]
-    assert (maple["mean"], maple["seeds_found"], maple["seeds_expected"], maple["complete"]) == ("94.50", "2", "3", "False")
-    assert_picture(tmp_path / "report" / "base2new.png")
-    assert (tmp_path / "report" / "base2new.pdf").read_bytes()[:4] == b"%PDF"
+    assert [maple[k] for k in ("mean", "seeds_found", "seeds_expected", "complete")] == ["94.50", "2", "3", "False"]
+    by_method = {r["method"]: r for r in csv.DictReader(open(three_methods / "report" / "base2new_wide.csv"))}
+    assert list(by_method) == ["CLIP", "MaPLe", "HiCroPL"]
+    assert by_method["HiCroPL"]["dtd_hm"] == "70.32" and by_method["CLIP"]["eurosat_base"] == ""
+    assert by_method["MaPLe"]["incomplete"] == "eurosat:base(2/3 seeds) eurosat:new(2/3 seeds)"
+    assert_picture(three_methods / "report" / "base2new.png")
+    assert (three_methods / "report" / "base2new.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_incomplete_seeds_still_give_an_average_marked_with_its_coverage(three_methods):
+    rows = build("base2new", METHODS, str(three_methods), DATASETS, figures=False).rows
+    clip, maple, hicropl = (r.average for r in rows)
+    # MaPLe's eurosat has 2 of 3 seeds: still averaged in, and the row says so
+    assert maple.base.mean == pytest.approx(np.mean([97.0, 81.0, 94.5]))
+    assert (maple.base.datasets, maple.base.of_datasets, maple.base.seeds, maple.base.of_seeds) == (3, 3, 8, 9)
+    assert not maple.complete and hicropl.complete
+    assert (clip.base.datasets, clip.base.seeds, clip.base.of_seeds) == (2, 2, 2)  # eurosat missing
+    md = build("base2new", METHODS, str(three_methods), DATASETS, figures=False).markdown
+    average = md.split("## Average over 3 datasets")[1].split("##")[0]
+    base = np.mean([[98.0, 98.0, 98.3], [82.0, 84.0, 83.0], [95.0, 96.0, 97.0]], axis=0)  # per seed, over datasets
+    new = np.mean([[95.0, 95.0, 95.3], [60.0, 62.0, 61.0], [70.0, 72.0, 74.0]], axis=0)
+    hm = lambda b, n: 2 * b * n / (b + n)
+    assert (f"| HiCroPL | {base.mean():.2f} ± {base.std():.2f} | {new.mean():.2f} ± {new.std():.2f} | "
+            f"{hm(base.mean(), new.mean()):.2f} ± {np.std(hm(base, new)):.2f} | 3/3 datasets, 9/9 seeds |") in average
+    assert "| MaPLe |" in average and "| 3/3 datasets, 8/9 seeds (incomplete) |" in average
+    assert "| CLIP | 75.00 | 76.95 | 75.96 | 2/3 datasets, 2/2 seeds (incomplete) |" in average
+
+
+def bars_of(ax):
+    """method label -> its bar heights, in group order (Average first)."""
+    return {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers if hasattr(c, "patches")}
+
+
+def test_figure_labels_missing_cells_and_shows_std_and_one_range(three_methods):
+    rows = build("base2new", METHODS, str(three_methods), DATASETS, figures=False).rows
+    fig = report_figures.base2new_figure(rows, ["caltech101", "dtd", "eurosat"])
+    panels = fig.axes[:3]
+    assert [ax.get_title() for ax in panels] == ["Base classes", "New classes", "Harmonic mean (HM)"]
+    for ax in panels:
+        heights = bars_of(ax)
+        assert math.isnan(heights["CLIP"][3]) and not any(math.isnan(h) for h in heights["HiCroPL"])
+        missing = [t for t in ax.texts if t.get_text() == "missing"]
+        assert len(missing) == 1  # at CLIP's eurosat bar, nothing drawn there
+        clip_eurosat = [c for c in ax.containers if c.get_label() == "CLIP"][0].patches[3]
+        assert missing[0].xy[0] == pytest.approx(clip_eurosat.get_x() + clip_eurosat.get_width() / 2)
+    base = panels[0]
+    labels = [t.get_text() for t in base.texts]
+    assert "83.0" in labels and "94.5 (2/3)" in labels  # values on the bars; incomplete ones say so
+    maple = [c for c in base.containers if c.get_label() == "MaPLe"][0]
+    assert maple.patches[3].get_hatch() == "////" and maple.patches[2].get_hatch() is None
+    error_bars = {c.get_label(): c.errorbar.lines[2][0].get_segments() for c in base.containers
+                  if hasattr(c, "patches")}  # per bar: the (x, mean - std), (x, mean + std) segment
+    dtd = error_bars["HiCroPL"][2]  # groups: Average, Caltech101, DTD, EuroSAT
+    std = np.std([82.0, 84.0, 83.0])
+    assert (dtd[0][1], dtd[1][1]) == pytest.approx((83.0 - std, 83.0 + std))
+    assert all(np.size(segment) == 0 for segment in error_bars["CLIP"])  # one run each: no error bar drawn
+    assert len({ax.get_ylim() for ax in panels}) == 1 and panels[0].get_ylim()[0] == 0.0
+    report_figures.render(fig)
 
 
 def test_few_shot_curves_with_coop_layout_template(tmp_path):
@@ -49,17 +130,30 @@ def test_few_shot_curves_with_coop_layout_template(tmp_path):
                 if not (dataset == "ucf101" and shots == 4 and seed == 3):  # one run missing
                     write(tmp_path / dataset / "HiCroPL" / f"f_{shots}shots" / f"seed{seed}" / "log.txt",
                           train_log(acc + seed))
-                write(tmp_path / coop.format(output="", dataset=dataset, shots=shots, seed=seed).lstrip("/") / "log.txt",
-                      train_log(acc - 5))
-    rows = report("fewshot", ["HiCroPL/f", f"CoOp={tmp_path}/" + coop.replace("{output}/", "")], str(tmp_path),
-                  ["dtd", "ucf101"], shots=[1, 2, 4], out=str(tmp_path / "r"), echo=lambda *_: None)
-    ours = {r["shots"]: r for r in rows if r["method"] == "HiCroPL"}
-    assert ours[2]["cells"]["dtd"].mean == pytest.approx(52.0)
-    assert not ours[4]["cells"]["ucf101"].complete and ours[4]["average_of"] == 1
+                if not (dataset == "dtd" and shots == 2):  # one cell missing
+                    write(tmp_path / coop.format(output="", dataset=dataset, shots=shots, seed=seed).lstrip("/")
+                          / "log.txt", train_log(acc - 5))
+    result = report("fewshot", ["HiCroPL/f", "CoOp=" + coop], str(tmp_path), ["dtd", "ucf101"], shots=[1, 2, 4],
+                    out=str(tmp_path / "r"), **QUIET)
+    ours = {r.shots: r for r in result.rows if r.method.label == "HiCroPL"}
+    assert ours[2].cells_by_dataset["dtd"].mean == pytest.approx(52.0)
+    assert not ours[4].cells_by_dataset["ucf101"].complete and ours[4].average.coverage == "2/2 datasets, 5/6 seeds"
     md = (tmp_path / "r" / "fewshot.md").read_text()
-    assert "| HiCroPL | 4 | 62.00 ± 0.82 | 61.50 ± 0.50 (incomplete: 2/3 seeds) | 62.00 (over 1/2 complete) |" in md
-    assert "| CoOp | 1 | 35.00 ± 0.00 | 35.00 ± 0.00 | 35.00 |" in md
+    assert ("| HiCroPL | 4 | 62.00 ± 0.82 | 61.50 ± 0.50 (incomplete: 2/3 seeds) | "
+            "61.75 ± 0.50 (incomplete: 2/2 datasets, 5/6 seeds) |") in md
+    assert "| CoOp | 1 | 35.00 ± 0.00 | 35.00 ± 0.00 | 35.00 ± 0.00 |" in md
+    assert "| CoOp | 2 | missing | 45.00 ± 0.00 | 45.00 ± 0.00 (incomplete: 1/2 datasets, 3/3 seeds) |" in md
     assert_picture(tmp_path / "r" / "fewshot.png")
+
+    fig = report_figures.few_shot_figure(result.rows, result.datasets)
+    average, dtd, ucf = fig.axes[:3]
+    assert [ax.get_title() for ax in (average, dtd, ucf)] == ["Average", "DTD", "UCF101"]
+    coop_curve = [c for c in dtd.containers if c.get_label() == "CoOp"][0].lines[0]
+    assert list(coop_curve.get_xdata()) == [1, 2, 4] and math.isnan(coop_curve.get_ydata()[1])  # it breaks there
+    assert "CoOp: missing at 2 shots" in [t.get_text() for t in dtd.texts]
+    assert "CoOp at 2 shots: over 1/2 datasets" in [t.get_text() for t in average.texts]
+    assert len({ax.get_ylim() for ax in fig.axes[:3]}) == 1
+    report_figures.render(fig)
 
 
 def test_cross_dataset_report_includes_the_source(tmp_path):
@@ -67,13 +161,114 @@ def test_cross_dataset_report_includes_the_source(tmp_path):
         write(tmp_path / "imagenet/HiCroPL/x_16shots" / f"seed{seed}" / "log.txt", train_log(72.0 + seed))
         for dataset, acc in {"dtd": 45.0, "eurosat": 48.0}.items():
             write(tmp_path / "evaluation/HiCroPL/x_16shots" / dataset / f"seed{seed}" / "log.txt", eval_log(acc + seed))
-    rows = report("xd", ["HiCroPL/x"], str(tmp_path), ["imagenet", "dtd", "eurosat"], seeds=[1, 2],
-                  out=str(tmp_path / "r"), echo=lambda *_: None)
-    assert rows[0]["cells"]["imagenet"].mean == 73.5
-    assert rows[0]["average"] == pytest.approx((46.5 + 49.5) / 2)  # targets only, not the source
+    result = report("xd", ["HiCroPL/x"], str(tmp_path), ["imagenet", "dtd", "eurosat"], seeds=[1, 2],
+                    out=str(tmp_path / "r"), **QUIET)
+    assert result.rows[0].cells_by_dataset["imagenet"].mean == 73.5
+    assert result.rows[0].average.mean == pytest.approx((46.5 + 49.5) / 2)  # targets only, not the source
+    assert "| Method | Source: ImageNet | DTD | EuroSAT | Average |" in result.markdown
     assert_picture(tmp_path / "r" / "xd.png")
 
 
-def test_method_without_a_config_must_name_it():
-    with pytest.raises(SystemExit, match="give its config as MaPLe/CFG"):
-        report("base2new", ["MaPLe"], "out", ["dtd"], echo=lambda *_: None)
+def test_toy_datasets_are_labelled_synthetic_everywhere(tmp_path):
+    base2new_layout(tmp_path / "base2new", {"toy_objects": ((70.0, 71.0), (50.0, 51.0)),
+                                            "toy_shapes": ((60.0, 61.0), (40.0, 41.0))}, "CoOp", "toy")
+    result = report("base2new", ["CoOp/toy"], str(tmp_path), ["toy_objects", "toy_shapes"], seeds=[1, 2],
+                    out=str(tmp_path / "r"), **QUIET)
+    headings = [line for line in result.markdown.splitlines() if line.startswith("#")]
+    assert headings[0].startswith("# Base-to-new generalisation (SYNTHETIC toy-world data")
+    assert all("synthetic" in h.lower() for h in headings) and len(headings) == 5
+    assert {r["synthetic"] for r in csv.DictReader(open(tmp_path / "r" / "base2new.csv"))} == {"True"}
+    fig = report_figures.base2new_figure(result.rows, result.datasets)
+    assert "SYNTHETIC" in fig._suptitle.get_text()
+    report_figures.render(fig)
+    real = tmp_path / "real"
+    base2new_layout(real / "base2new", {"dtd": ((70.0,), (50.0,))}, "CoOp", "c")
+    assert "SYNTHETIC" not in build("base2new", ["CoOp/c"], str(real), ["dtd"], seeds=[1], figures=False).markdown
+
+
+def test_no_runs_or_no_root_exit_2_naming_what_exists(tmp_path, capsys):
+    out = tmp_path / "r"
+    run = lambda root, method: main(["--task", "base2new", "--output", str(root), "--method", method, "--out", str(out)])
+    assert run(tmp_path / "nope", "HiCroPL") == 2
+    err = capsys.readouterr().err
+    assert f"--output {tmp_path / 'nope'}: no such folder" in err and "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    assert run(tmp_path / "empty", "HiCroPL/c") == 2
+    err = capsys.readouterr().err
+    assert "--method HiCroPL/c: no finished base2new run of HiCroPL/c" in err and "No base2new run folder at all" in err
+    base2new_layout(tmp_path / "runs" / "base2new", {"caltech101": ((80.0,), (20.0,))}, "HiCroPL", "demo_tiny_clip")
+    assert run(tmp_path / "runs", "HiCroPL") == 2
+    err = capsys.readouterr().err
+    assert "--method HiCroPL/demo_tiny_clip --datasets caltech101" in err  # what is there, as flags
+    # one method found, another not: the report names the one with nothing rather than a block of `missing`
+    argv = ["--task", "base2new", "--output", str(tmp_path / "runs"), "--datasets", "caltech101", "--seeds", "1",
+            "--method", "HiCroPL/demo_tiny_clip", "--method", "MaPLe/other", "--out", str(out)]
+    assert main(argv) == 2 and "--method MaPLe/other: no finished base2new run" in capsys.readouterr().err
+    assert not out.exists()  # nothing written
+    assert main(argv[:-4] + ["--out", str(out)]) == 0
+    assert (out / "base2new.md").exists()
+
+
+def test_unfinished_runs_are_named_as_unfinished(tmp_path, capsys):
+    write(tmp_path / "base2new/train_base/dtd/shots_16/HiCroPL/c/seed1/log.txt", train_log(0.0, end=None))
+    assert main(["--task", "base2new", "--output", str(tmp_path), "--method", "HiCroPL/c", "--datasets", "dtd",
+                 "--seeds", "1", "--no-figures", "--out", str(tmp_path / "r")]) == 2
+    assert "none has finished, e.g. " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("MaPLe", "give its config as MaPLe/CFG"),
+    ("ZeroshotCLIP", "ZeroshotCLIP has no fewshot runs"),
+    ("X={output}/{foo}/{dataset}", "unknown placeholder(s) {foo}"),
+    ("X={output}/{dataset", "the template does not parse"),
+    ("X={output}/{dataset}/{seed}", None),  # fine: no {shots} needed with one shot count
+    ("{output}/{dataset}/seed{seed}", "a run-folder template needs a label"),
+    ("=HiCroPL/c", "needs both a label and what it names"),
+    ("HiCroPL/c/extra", "expected NAME, NAME/CFG"),
+    ("X=Hi CroPL/c", "expected NAME, NAME/CFG"),
+])
+def test_malformed_methods_exit_2_with_the_fix(tmp_path, capsys, spec, message):
+    write(tmp_path / "d/X/x_16shots/seed1/log.txt", train_log(50.0))
+    code = main(["--task", "fewshot", "--shots", "16", "--output", str(tmp_path), "--method", spec,
+                 "--datasets", "d", "--seeds", "1", "--no-figures", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if message is None:  # the template is valid; it just finds nothing there
+        assert code == 2 and "no finished fewshot run" in err
+    else:
+        assert code == 2 and message in err and spec in err
+
+
+def test_base2new_template_needs_its_stage(tmp_path, capsys):
+    assert main(["--task", "base2new", "--output", str(tmp_path), "--method", "X={output}/{dataset}/seed{seed}"]) == 2
+    assert "a base2new template needs {stage}" in capsys.readouterr().err
+
+
+def test_unknown_task_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--task", "base2newx", "--method", "HiCroPL"])
+    assert exit_.value.code == 2 and "invalid choice: 'base2newx'" in capsys.readouterr().err
+
+
+def test_same_trainer_in_two_configs_and_renamed_methods(tmp_path):
+    base2new_layout(tmp_path / "base2new", {"dtd": ((80.0,), (60.0,))}, "HiCroPL", "a")
+    base2new_layout(tmp_path / "base2new", {"dtd": ((82.0,), (61.0,))}, "HiCroPL", "b")
+    rows = build("base2new", ["HiCroPL/a", "HiCroPL/b", "Ours=HiCroPL/b"], str(tmp_path), ["dtd"], seeds=[1],
+                 figures=False).rows
+    assert [r.method.label for r in rows] == ["HiCroPL/a", "HiCroPL/b", "Ours"]
+    assert [r.datasets["dtd"].base.mean for r in rows] == [80.0, 82.0, 82.0]
+
+
+def test_a_failing_figure_writes_no_file(three_methods, monkeypatch):
+    out = three_methods / "report"
+    report("base2new", METHODS, str(three_methods), DATASETS, out=str(out), figures=False, **QUIET)
+    before = (out / "base2new.md").read_text()
+
+    def broken(fig):
+        raise RuntimeError("renderer failed")
+
+    monkeypatch.setattr(report_figures, "render", broken)
+    with pytest.raises(RuntimeError):
+        report("base2new", METHODS[1:], str(three_methods), DATASETS, out=str(out), **QUIET)
+    assert (out / "base2new.md").read_text() == before  # the tables are written only with their figures
+    assert not (out / "base2new.png").exists()

@@ -86,9 +86,9 @@ def test_local_executor_runs_skips_and_resumes_a_tiny_grid(workspace, tmp_path, 
     assert "4 runs, 4 finished already, 0 to run" in capsys.readouterr().out
 
     from vlprompt.report import report  # the report on this grid
-    rows = report("base2new", ["HiCroPL/demo_tiny_clip"], str(output), ["caltech101"], seeds=[1, 2],
-                  out=str(tmp_path / "report"), echo=lambda *_: None)
-    assert rows[0]["base"].complete and rows[0]["new"].complete
+    result = report("base2new", ["HiCroPL/demo_tiny_clip"], str(output), ["caltech101"], seeds=[1, 2],
+                    out=str(tmp_path / "report"), echo=lambda *_: None)
+    assert result.rows[0].datasets["caltech101"].complete and result.rows[0].average.complete
     assert (tmp_path / "report" / "base2new.png").stat().st_size > 10_000
 
 
