@@ -21,7 +21,7 @@ from typing import Dict, List
 import numpy as np
 from tabulate import tabulate
 
-from vlprompt.io import atomic_write_text
+from vlprompt.files import atomic_write_text
 from vlprompt.results import DATASET_ORDER, TEST_END, TRAIN_END, ResultsError, ci95, harmonic_mean, read_run
 
 def parse_seeds(directory: str, end_signal, keyword="accuracy", use_ci95=False, out=print) -> Dict[str, float]:

@@ -1,7 +1,7 @@
 """HiCroPL: our default path against the release's way of computing the same thing.
 
 Full-size CLIP with random weights (real shapes), base-to-new configuration (N_CTX 16,
-PROMPT_DEPTH 12, CROSS_LAYER 6). The reference path (vlprompt.release_reference) runs all 77 text
+PROMPT_DEPTH 12, CROSS_LAYER 6). The reference path (vlprompt.methods.hicropl_reference) runs all 77 text
 tokens through CLIP's own blocks, a second copy of the image tower as teacher, and recomputes
 class text features for every test batch, with no caches. Measured in one run:
   (a) training step (forward + backward + Adam), median of timed steps after warm-up, at 50 and
@@ -35,11 +35,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vlprompt.clip_loading import cast_clip, clip_from_state_dict, freeze, random_clip_state_dict  # noqa: E402
-from vlprompt.feature_cache import ImageFeatureCache  # noqa: E402
-from vlprompt.hicropl import HiCroPL, HiCroPLConfig, normalize  # noqa: E402
-from vlprompt.io import tensors_fingerprint  # noqa: E402
-from vlprompt.release_reference import ReleaseStyleHiCroPL  # noqa: E402
+from vlprompt.clip.loading import cast_clip, clip_from_state_dict, freeze, random_clip_state_dict  # noqa: E402
+from vlprompt.clip.image_features import ImageFeatureCache  # noqa: E402
+from vlprompt.methods.hicropl import HiCroPL, HiCroPLConfig, normalize  # noqa: E402
+from vlprompt.files import tensors_fingerprint  # noqa: E402
+from vlprompt.methods.hicropl_reference import ReleaseStyleHiCroPL  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WORDS = ["red", "spotted", "golden", "wild", "small", "grey", "striped", "northern", "royal", "sea",

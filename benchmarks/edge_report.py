@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from vlprompt.edgecnn import EdgeCNN  # noqa: E402
+from vlprompt.methods.edgecnn import EdgeCNN  # noqa: E402
 
 SIDE, CLASSES = 44, 7
 

@@ -40,13 +40,13 @@ SIZES = {
 KILL_AFTER_FIRST_EPOCH = """
 import os, runpy, signal, sys
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
-import trainers.robust_trainer as base
-original = base.RobustTrainer.after_epoch
+import trainers.checkpointed_trainer as base
+original = base.CheckpointedTrainer.after_epoch
 def after_epoch(self):
     original(self)
     if self.epoch == 0:
         os.kill(os.getpid(), signal.SIGKILL)  # as a preempted cluster job
-base.RobustTrainer.after_epoch = after_epoch
+base.CheckpointedTrainer.after_epoch = after_epoch
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -75,7 +75,7 @@ class Check:
 
     def prepare(self) -> None:
         from datasets.synthetic import write_dataset
-        from vlprompt.clip_loading import save_random_clip
+        from vlprompt.clip.loading import save_random_clip
         write_dataset(os.path.join(self.work, "data"), "Caltech101", self.classes, self.per_split)
         save_random_clip(self.clip_file, "tiny")
 

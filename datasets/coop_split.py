@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple
 
 from dassl.data.datasets import Datum, DatasetBase
 
-from vlprompt.io import OutputWriteError, atomic_write, cache_root
+from vlprompt.files import OutputWriteError, atomic_write, cache_root
 
 DATASETS_DOC = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 

@@ -23,9 +23,9 @@ import numpy as np
 from dassl.data.datasets import DATASET_REGISTRY
 from PIL import Image
 
-from vlprompt.edgecnn import EMOTIONS_FER
+from vlprompt.methods.edgecnn import EMOTIONS_FER
 
-from vlprompt.io import cache_root
+from vlprompt.files import cache_root
 
 from .coop_split import CoOpDataset, DatasetLayoutError, make_datum, require
 

@@ -5,7 +5,7 @@ from collections import OrderedDict
 
 from dassl.data.datasets import DATASET_REGISTRY, DatasetBase
 
-from vlprompt.io import atomic_write
+from vlprompt.files import atomic_write
 
 from .coop_split import CoOpDataset, DatasetLayoutError, make_datum, require
 

@@ -19,13 +19,13 @@ requires_dassl = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def tiny_clip():
-    from vlprompt.clip_loading import random_clip
+    from vlprompt.clip.loading import random_clip
     return random_clip("tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_l_clip():
-    from vlprompt.clip_loading import random_clip
+    from vlprompt.clip.loading import random_clip
     return random_clip("tiny-L", seed=1)
 
 
@@ -33,7 +33,7 @@ def write_workspace(root, datasets):
     """root/data/ with synthetic datasets {name: (classes, (train, val, test) per class)} in
     their on-disk layouts, and root/tiny_clip.pt, a tiny random CLIP; returns root."""
     from datasets.synthetic import write_dataset
-    from vlprompt.clip_loading import save_random_clip
+    from vlprompt.clip.loading import save_random_clip
     for name, (n_classes, per_split) in datasets.items():
         write_dataset(str(root / "data"), name, n_classes, per_split)
     save_random_clip(str(root / "tiny_clip.pt"), "tiny")

@@ -5,10 +5,10 @@ import clip
 import pytest
 import torch
 
-from vlprompt import class_features as cf
-from vlprompt.clip_loading import random_clip
-from vlprompt.prompted_clip import PromptedTextEncoder
-from vlprompt.templates import GENERIC_TEMPLATES
+from vlprompt.clip import class_features as cf
+from vlprompt.clip.loading import random_clip
+from vlprompt.clip.encoders import PromptedTextEncoder
+from vlprompt.clip.templates import GENERIC_TEMPLATES
 
 CLASSES = ["golden_retriever", "tabby cat"]
 DESCRIPTIONS = {

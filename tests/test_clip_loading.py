@@ -5,7 +5,7 @@ import pytest
 import torch
 from clip import clip as clip_api
 
-from vlprompt import clip_loading as cl
+from vlprompt.clip import loading as cl
 
 
 def test_offline_download_error_names_backbone_cache_path_and_config_key(tmp_path, monkeypatch):

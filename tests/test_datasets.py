@@ -155,7 +155,7 @@ def test_read_only_dataset_folder_puts_the_few_shot_cache_elsewhere(tmp_path, mo
     import datasets.coop_split as coop
     from datasets.synthetic import write_dataset
     from dassl.utils import set_random_seed
-    from vlprompt.io import OutputWriteError
+    from vlprompt.files import OutputWriteError
     write_dataset(str(tmp_path / "data"), "UCF101", 4, (3, 2, 1))
     real_write = coop.atomic_write
 

@@ -10,9 +10,9 @@ import torch
 from helpers import half_tolerance
 
 from conftest import ROOT, requires_dassl
-from vlprompt.clip_loading import cast_clip
-from vlprompt.dcp import DCP, DCPConfig
-from vlprompt.text_prompts import ConfigError
+from vlprompt.clip.loading import cast_clip
+from vlprompt.methods.dcp import DCP, DCPConfig
+from vlprompt.methods.common import ConfigError
 
 CLASSES = ["dog", "cat", "sports_car", "oak tree"]
 

@@ -49,7 +49,7 @@ class FakeCuda:
 @requires_dassl
 def test_a_run_started_on_four_gpus_resumes_on_one(monkeypatch):
     """Only the run's own CUDA generator is saved, and restored on the run's device."""
-    from trainers.robust_trainer import rng_state, set_rng_state
+    from trainers.checkpointed_trainer import rng_state, set_rng_state
     FakeCuda(monkeypatch, visible=4)
     saved = rng_state(torch.device("cuda", 0))
     assert torch.equal(saved["cuda"], torch.full((16,), 10, dtype=torch.uint8))
@@ -90,9 +90,9 @@ def test_resume_reads_on_the_cpu_and_optimizer_state_follows_the_parameters(work
 def test_class_features_are_computed_on_the_runs_device(workspace, tmp_path, monkeypatch, trainer_name):
     """Frozen class text features are encoded where the run computes (a GPU run does not wait on
     its CPU); the meta device stands in for the GPU."""
-    import trainers.robust_trainer as base
+    import trainers.checkpointed_trainer as base
     from test_faults import in_process_trainer
-    from vlprompt.class_features import ClassFeatureStore
+    from vlprompt.clip.class_features import ClassFeatureStore
     devices = []
 
     def spy(store, text_encoder, classnames, texts, chunk=256):
@@ -118,7 +118,7 @@ def test_emulated_bf16_is_refused_on_a_gpu(monkeypatch):
 
 @requires_dassl
 def test_a_run_names_its_device_and_warns_when_gpus_sit_idle(monkeypatch):
-    from trainers.robust_trainer import device_report, run_device
+    from trainers.checkpointed_trainer import device_report, run_device
     FakeCuda(monkeypatch, visible=4)
     device = run_device(torch.device("cuda"))
     assert device == torch.device("cuda", 0)

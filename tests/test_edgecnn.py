@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 
-from vlprompt.edgecnn import EdgeCNN, ten_crop_logits
+from vlprompt.methods.edgecnn import EdgeCNN, ten_crop_logits
 
 
 def test_parameter_count_and_output_shapes():

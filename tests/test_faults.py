@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, requires_dassl, write_workspace
-from vlprompt.io import OutputWriteError, atomic_torch_save, atomic_write, atomic_write_text
+from vlprompt.files import OutputWriteError, atomic_torch_save, atomic_write, atomic_write_text
 
 
 # ---- atomic outputs ------------------------------------------------------------------------
@@ -67,13 +67,13 @@ def run_patched(patch, cmd, expect_ok):
 
 # ---- kill and resume, every trainer ---------------------------------------------------------
 KILL = """
-import trainers.robust_trainer as base
-original = base.RobustTrainer.after_epoch
+import trainers.checkpointed_trainer as base
+original = base.CheckpointedTrainer.after_epoch
 def after_epoch(self):
     original(self)
     if self.epoch == 0:
         os.kill(os.getpid(), signal.SIGKILL)
-base.RobustTrainer.after_epoch = after_epoch
+base.CheckpointedTrainer.after_epoch = after_epoch
 """
 
 
@@ -117,14 +117,14 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_state(workspace, tmp_
     from test_trainer import command, run
     patch = """
 import errno
-import trainers.robust_trainer as base
+import trainers.checkpointed_trainer as base
 real = base.atomic_torch_save
 calls = []
 def full_disk(obj, path):
     if path.endswith("resume.pth.tar"):
         calls.append(path)
         if len(calls) == 2:
-            from vlprompt.io import atomic_write
+            from vlprompt.files import atomic_write
             def write(handle):
                 raise OSError(errno.ENOSPC, "No space left on device")
             atomic_write(path, write)
@@ -183,7 +183,7 @@ def corrupt_loss(trainer, on_call: int, factor: float):
 
 @requires_dassl
 def test_nan_loss_stops_with_step_precision_and_advice(workspace, tmp_path):
-    from trainers.robust_trainer import NonFiniteLossError
+    from trainers.checkpointed_trainer import NonFiniteLossError
     trainer = in_process_trainer(workspace, tmp_path, "TRAINER.HICROPL.PREC", "fp16")
     corrupt_loss(trainer, on_call=2, factor=float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 1, batch 2 with precision "

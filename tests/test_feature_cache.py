@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlprompt.clip_loading import random_clip
-from vlprompt.feature_cache import ImageFeatureCache
-from vlprompt.io import tensors_fingerprint
-from vlprompt.prompted_clip import PromptedImageEncoder
+from vlprompt.clip.loading import random_clip
+from vlprompt.clip.image_features import ImageFeatureCache
+from vlprompt.files import tensors_fingerprint
+from vlprompt.clip.encoders import PromptedImageEncoder
 
 
 def write_images(folder, n, seed=0):
@@ -105,7 +105,7 @@ CONCURRENT_WRITER = """
 import os, sys, time
 import torch
 sys.path.insert(0, {root!r})
-from vlprompt.feature_cache import ImageFeatureCache
+from vlprompt.clip.image_features import ImageFeatureCache
 from test_feature_cache import load
 folder, me, other, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 cache = ImageFeatureCache(folder, "backbone", "transform", report=lambda _: None)

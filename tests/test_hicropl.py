@@ -7,10 +7,10 @@ import torch
 from helpers import half_tolerance
 import torch.nn.functional as F
 
-from vlprompt.class_features import frozen_class_features
-from vlprompt.clip_loading import cast_clip
-from vlprompt.hicropl import ConfigError, HiCroPL, HiCroPLConfig, normalize
-from vlprompt.prompted_clip import PromptedTextEncoder
+from vlprompt.clip.class_features import frozen_class_features
+from vlprompt.clip.loading import cast_clip
+from vlprompt.methods.hicropl import ConfigError, HiCroPL, HiCroPLConfig, normalize
+from vlprompt.clip.encoders import PromptedTextEncoder
 
 CLASSES = ["dog", "cat", "sports_car", "oak tree", "violin"]
 
@@ -230,7 +230,7 @@ def test_class_prompt_too_long_for_context_is_a_clear_error(tiny_clip):
 
 def test_fast_and_release_style_paths_give_the_same_logits_and_loss(tiny_clip):
     """Shortcuts, fused attention, one frozen encoder and the eval cache change cost, not results."""
-    from vlprompt.release_reference import ReleaseStyleHiCroPL
+    from vlprompt.methods.hicropl_reference import ReleaseStyleHiCroPL
     fast = build(tiny_clip)
     fixed = fast.fixed_text_features
     reference = ReleaseStyleHiCroPL(tiny_clip, HiCroPLConfig(n_ctx=4, prompt_depth=3, cross_layer=1), CLASSES, fixed)

@@ -7,9 +7,9 @@ import torch
 
 from helpers import half_tolerance
 
-from vlprompt.clip_loading import cast_clip
-from vlprompt.prompted_clip import PromptedImageEncoder, PromptedTextEncoder, encode_lockstep
-from vlprompt.release_reference import CLIPBlocksImageEncoder, CLIPBlocksTextEncoder
+from vlprompt.clip.loading import cast_clip
+from vlprompt.clip.encoders import PromptedImageEncoder, PromptedTextEncoder, encode_lockstep
+from vlprompt.methods.hicropl_reference import CLIPBlocksImageEncoder, CLIPBlocksTextEncoder
 
 NAMES = ["dog.", "sports car.", "a very long class name with many many different tokens in it."]
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from vlprompt.hicropl import convert_release_state_dict, load_release_checkpoint
-from vlprompt.io import load_strict
+from vlprompt.methods.hicropl import convert_release_state_dict, load_release_checkpoint
+from vlprompt.files import load_strict
 from test_hicropl import build, images_for
 
 # Our name -> the release's name (its CrossModalPromptLearner attributes), written out by hand.

@@ -44,12 +44,12 @@ KILLER = """#!{python}
 import os, runpy, signal, sys
 sys.path.insert(0, os.path.dirname(sys.argv[1]))  # the toolkit, as for train.py itself
 if "seed1" in " ".join(sys.argv) and "--eval-only" not in sys.argv:
-    import trainers.robust_trainer as base
-    original = base.RobustTrainer.after_epoch
+    import trainers.checkpointed_trainer as base
+    original = base.CheckpointedTrainer.after_epoch
     def after_epoch(self):
         original(self)
         os.kill(os.getpid(), signal.SIGKILL)
-    base.RobustTrainer.after_epoch = after_epoch
+    base.CheckpointedTrainer.after_epoch = after_epoch
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -3,7 +3,7 @@
 - precision: fp32, fp16 and bf16 (frozen CLIP in that dtype, trainable state in fp32) and amp
   (autocast + GradScaler), on CPU and GPU;
 - optimizer from Dassl with OPTIM.EPS, schedule with Dassl's per-epoch values (schedule.py);
-- checkpoints that hold only the trainable module (robust_trainer.py);
+- checkpoints that hold only the trainable module (checkpointed_trainer.py);
 - evaluation that encodes the classes once per pass (the model's `evaluation()` context) and
   reuses frozen image features of val/test images across passes, seeds and configs (on disk).
 
@@ -17,14 +17,14 @@ import torchvision
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 
-from vlprompt.class_features import ClassFeatureStore, frozen_class_features
-from vlprompt.clip_loading import cast_clip, load_clip
-from vlprompt.feature_cache import ImageFeatureCache
-from vlprompt.io import cache_root, tensors_fingerprint
-from vlprompt.prompted_clip import PromptedTextEncoder
-from vlprompt.templates import GENERIC_TEMPLATES
+from vlprompt.clip.class_features import ClassFeatureStore, frozen_class_features
+from vlprompt.clip.loading import cast_clip, load_clip
+from vlprompt.clip.image_features import ImageFeatureCache
+from vlprompt.files import cache_root, tensors_fingerprint
+from vlprompt.clip.encoders import PromptedTextEncoder
+from vlprompt.clip.templates import GENERIC_TEMPLATES
 
-from .robust_trainer import RobustTrainer
+from .checkpointed_trainer import CheckpointedTrainer
 from .config import PRECISIONS
 from .schedule import build_lr_scheduler
 
@@ -47,7 +47,7 @@ def check_input_size(cfg, clip_model) -> None:
                          f"resolution {resolution}: set INPUT.SIZE ({resolution}, {resolution})")
 
 
-class ClipPromptTrainer(RobustTrainer):
+class ClipPromptTrainer(CheckpointedTrainer):
     """Dassl TrainerX for a prompt model over frozen CLIP; subclasses set METHOD and NAME."""
 
     METHOD = ""  # config node under TRAINER, e.g. "HICROPL"

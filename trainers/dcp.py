@@ -1,7 +1,7 @@
-"""Dassl trainers `DCP` and `CMPA` (the release's name and config keys): thin adapters over vlprompt.dcp."""
+"""Dassl trainers `DCP` and `CMPA` (the release's name and config keys): thin adapters over vlprompt.methods.dcp."""
 from dassl.engine import TRAINER_REGISTRY
 
-from vlprompt.dcp import DCP as DCPModel, DCPConfig
+from vlprompt.methods.dcp import DCP as DCPModel, DCPConfig
 
 from .clip_prompt import ClipPromptTrainer
 

@@ -14,9 +14,9 @@ from dassl.modeling import BACKBONE_REGISTRY, Backbone
 from dassl.optim import build_optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from vlprompt.edgecnn import EdgeCNN as EdgeCNNNet, ten_crop_logits
+from vlprompt.methods.edgecnn import EdgeCNN as EdgeCNNNet, ten_crop_logits
 
-from .robust_trainer import RobustTrainer
+from .checkpointed_trainer import CheckpointedTrainer
 from .schedule import EpochTable
 
 
@@ -69,7 +69,7 @@ def step_decay_factors(max_epoch: int, start: int, every: int, rate: float):
 
 
 @TRAINER_REGISTRY.register()
-class EdgeCNN(RobustTrainer):
+class EdgeCNN(CheckpointedTrainer):
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
         node = cfg.TRAINER.EDGECNN

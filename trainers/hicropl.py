@@ -1,12 +1,12 @@
-"""Dassl trainer `HiCroPL`: a thin adapter over vlprompt.hicropl."""
+"""Dassl trainer `HiCroPL`: a thin adapter over vlprompt.methods.hicropl."""
 import os.path as osp
 
 from dassl.engine import TRAINER_REGISTRY
 
-from vlprompt.class_features import DescriptionsError
-from vlprompt.hicropl import (HiCroPL as HiCroPLModel, HiCroPLConfig, convert_release_state_dict,
+from vlprompt.clip.class_features import DescriptionsError
+from vlprompt.methods.hicropl import (HiCroPL as HiCroPLModel, HiCroPLConfig, convert_release_state_dict,
                               load_release_checkpoint)
-from vlprompt.io import load_strict
+from vlprompt.files import load_strict
 
 from .clip_prompt import ClipPromptTrainer
 

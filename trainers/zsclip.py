@@ -1,8 +1,8 @@
 """Dassl trainer `ZeroshotCLIP`: the zero-shot row of a comparison, from the same data and outputs."""
 from dassl.engine import TRAINER_REGISTRY
 
-from vlprompt.templates import GENERIC_TEMPLATES, dataset_template
-from vlprompt.zero_shot import ZeroShotCLIP
+from vlprompt.clip.templates import GENERIC_TEMPLATES, dataset_template
+from vlprompt.methods.zero_shot import ZeroShotCLIP
 
 from .clip_prompt import ClipPromptTrainer
 

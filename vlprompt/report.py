@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import layout
-from .io import OutputWriteError, atomic_write
+from .files import OutputWriteError, atomic_write
 from .results import DATASET_ORDER, TEST_END, TRAIN_END, harmonic_mean, read_run
 from .sweep import DG_TARGETS, METHODS, XD_TARGETS
 

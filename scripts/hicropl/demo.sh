@@ -14,7 +14,7 @@ SEEDS="1 2"
 
 echo "== synthetic data and a tiny random CLIP in $DEMO"
 [ -d "$DATA/eurosat" ] || python -m datasets.synthetic "$DATA" --dataset Caltech101 EuroSAT --classes 10
-[ -f "$CLIP_FILE" ] || python -c "from vlprompt.clip_loading import save_random_clip as s; s('$CLIP_FILE')"
+[ -f "$CLIP_FILE" ] || python -c "from vlprompt.clip.loading import save_random_clip as s; s('$CLIP_FILE')"
 
 quietly() {  # the runs' own logs are in their output folders; show this one only on failure
     "$@" > "$DEMO/last_run.txt" 2>&1 || { tail -n 30 "$DEMO/last_run.txt"; exit 1; }

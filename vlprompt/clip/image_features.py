@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor
 
-from .io import atomic_torch_save, file_lock
+from ..files import atomic_torch_save, file_lock
 
 
 def file_stamp(path: str) -> str:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from clip.model import QuickGELU
 from torch import Tensor, nn
 
-from .prompted_clip import PromptedImageEncoder, PromptedTextEncoder, run_lockstep
-from .text_prompts import (ConfigError, check_field_types, check_n_ctx, class_token_ids, initial_context,
+from ..clip.encoders import PromptedImageEncoder, PromptedTextEncoder, run_lockstep
+from .common import (ConfigError, check_field_types, check_n_ctx, class_token_ids, initial_context,
                            normalize)
 
 FUSINGS = ("none", "mean", "first", "max")

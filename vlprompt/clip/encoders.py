@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .transformer_ops import residual_block, residual_block_shared_prefix
+from .ops import residual_block, residual_block_shared_prefix
 
 Prompt = Optional[Tensor]  # [n, D] shared by the batch, or [N, n, D] one per sequence
 

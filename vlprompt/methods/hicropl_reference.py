@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .hicropl import HiCroPL, normalize
-from .prompted_clip import PromptedImageEncoder, PromptedTextEncoder
+from ..clip.encoders import PromptedImageEncoder, PromptedTextEncoder
 
 
 def _splice(x: Tensor, start: int, prompt: Tensor) -> Tensor:

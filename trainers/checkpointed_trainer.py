@@ -3,7 +3,7 @@
 - checkpoints: atomic, trainable state only, readable with torch.load(weights_only=True), and
   an exact resume after a kill;
 - data: an unreadable image stops the run with its path, or is left out on request
-  (robust_data.py);
+  (checked_images.py);
 - a non-finite loss stops the run with the step, the precision and what to try, instead of
   training on garbage; amp's skipped steps are counted in the log.
 
@@ -23,9 +23,9 @@ import torch
 from dassl.data.datasets import DATASET_REGISTRY
 from dassl.engine import TrainerX
 
-from vlprompt.io import atomic_torch_save, atomic_write_text, load_strict
+from vlprompt.files import atomic_torch_save, atomic_write_text, load_strict
 
-from .robust_data import build_data_manager
+from .checked_images import build_data_manager
 
 CHECKPOINT_FORMAT = "vlprompt-trainable-1"
 RESUME_FILE = "resume.pth.tar"
@@ -62,7 +62,7 @@ def device_report(device: torch.device, visible_gpus: int) -> List[str]:
     return lines
 
 
-class RobustTrainer(TrainerX):
+class CheckpointedTrainer(TrainerX):
     scaler = None  # a torch.amp.GradScaler when the trainer uses one
     amp_skipped = 0  # optimizer steps the scaler skipped this epoch
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from clip.model import QuickGELU
 from torch import Tensor, nn
 
-from .prompted_clip import PromptedImageEncoder, PromptedTextEncoder
-from .text_prompts import (ConfigError, check_field_types, check_n_ctx, class_token_ids,  # noqa: F401
+from ..clip.encoders import PromptedImageEncoder, PromptedTextEncoder
+from .common import (ConfigError, check_field_types, check_n_ctx, class_token_ids,  # noqa: F401
                            initial_context, normalize)
 
 MAPPER_MODES = ("learned", "release")

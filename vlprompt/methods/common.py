@@ -7,7 +7,7 @@ import torch
 from clip import clip as clip_api
 from torch import Tensor, nn
 
-from .class_features import readable_name
+from ..clip.class_features import readable_name
 
 CONTEXT_LENGTH = 77
 

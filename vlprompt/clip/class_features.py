@@ -12,8 +12,8 @@ import torch
 from clip import clip as clip_api
 from torch import Tensor
 
-from .io import atomic_torch_save, tensors_fingerprint
-from .prompted_clip import PromptedTextEncoder
+from ..files import atomic_torch_save, tensors_fingerprint
+from .encoders import PromptedTextEncoder
 from .templates import GENERIC_TEMPLATES
 
 log = logging.getLogger(__name__)

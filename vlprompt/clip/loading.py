@@ -170,6 +170,6 @@ def random_clip(arch: str = "tiny", seed: int = 0) -> CLIP:
 
 def save_random_clip(path: str, arch: str = "tiny", seed: int = 0) -> str:
     """Write a random CLIP state dict that `load_clip(..., path=path)` reads (demos, tests)."""
-    from .io import atomic_torch_save
+    from ..files import atomic_torch_save
     atomic_torch_save(random_clip_state_dict(arch, seed), path)
     return path

@@ -4,8 +4,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .hicropl import normalize
-from .prompted_clip import PromptedImageEncoder
+from .common import normalize
+from ..clip.encoders import PromptedImageEncoder
 
 
 class ZeroShotCLIP(nn.Module):
