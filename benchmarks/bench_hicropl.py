@@ -37,7 +37,8 @@ from PIL import Image  # noqa: E402
 
 from vlprompt.clip.loading import cast_clip, clip_from_state_dict, freeze, random_clip_state_dict  # noqa: E402
 from vlprompt.clip.image_features import ImageFeatureCache  # noqa: E402
-from vlprompt.methods.hicropl import HiCroPL, HiCroPLConfig, normalize  # noqa: E402
+from vlprompt.methods.common import normalize  # noqa: E402
+from vlprompt.methods.hicropl import HiCroPL, HiCroPLSettings  # noqa: E402
 from vlprompt.files import tensors_fingerprint  # noqa: E402
 from vlprompt.methods.hicropl_reference import ReleaseStyleHiCroPL  # noqa: E402
 
@@ -64,7 +65,7 @@ def build_clip(args):
 
 
 def build_pair(clip_model, n_classes, args, which=("ours", "reference")):
-    cfg = HiCroPLConfig(n_ctx=args.n_ctx, ctx_init="a photo of a", prompt_depth=args.depth,
+    cfg = HiCroPLSettings(n_ctx=args.n_ctx, ctx_init="a photo of a", prompt_depth=args.depth,
                         cross_layer=args.cross_layer, lambd=12.0)
     generator = torch.Generator().manual_seed(1)
     fixed = normalize(torch.randn(n_classes, clip_model.text_projection.shape[1], generator=generator))
@@ -168,8 +169,8 @@ def eval_passes(model, paths, decoded, args, cache_dir=None, passes=3):
                 for i in range(0, len(paths), args.test_batch):
                     chunk = paths[i:i + args.test_batch]
                     images = decoded[i:i + args.test_batch].to(args.device)
-                    zero_shot = cache.features(chunk, images, model.zero_shot_image_features) if cache else None
-                    out.append(model(images, zero_shot=zero_shot).argmax(1).cpu())
+                    frozen = cache.features(chunk, images, model.frozen_image_features) if cache else None
+                    out.append(model(images, frozen_image_features=frozen).argmax(1).cpu())
                 predictions.append(torch.cat(out))
             if cache:
                 cache.save()

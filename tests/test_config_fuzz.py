@@ -9,16 +9,10 @@ from conftest import ROOT, requires_dassl, write_workspace
 
 pytestmark = requires_dassl
 
-METHOD_KEYS = {
-    "HiCroPL": ["N_CTX", "CTX_INIT", "PROMPT_DEPTH", "CROSS_LAYER", "LAMBD", "PREC", "MAPPER_MODE", "N_HEADS",
-                "EXACT_SHORTCUTS", "TRUST_RELEASE_CHECKPOINT"],
-    "DCP": ["N_CTX", "CTX_INIT", "PROMPT_DEPTH", "PS", "FUSING", "TEXT_UPDATE", "PREC"],
-    "ZeroshotCLIP": ["PREC", "TEMPLATES"],
-    "EdgeCNN": ["IMAGE_SIZE", "TEN_CROP", "GRAD_CLAMP", "DECAY_START", "DECAY_EVERY", "DECAY_RATE"],
-}
-NODES = {"HiCroPL": "HICROPL", "DCP": "DCP", "ZeroshotCLIP": "ZSCLIP", "EdgeCNN": "EDGECNN"}
+# every key of the method's generated node is fuzzed (the settings' fields, and PREC)
+METHODS = ["HiCroPL", "DCP", "ZeroshotCLIP", "EdgeCNN"]
 DATASET_KEYS = ["DATASET.NUM_SHOTS", "DATASET.SUBSAMPLE_CLASSES", "DATASET.NAME", "DATASET.DESCRIPTIONS_FILE",
-                "DATASET.ROOT"]
+                "DATASET.ROOT", "MODEL.TRUST_RELEASE_CHECKPOINT"]
 PLAUSIBLE = ["0", "1", "2", "3", "4", "-1", "64", "0.5", "1e9", "nan", "inf", "-inf", "True", "False", "''",
              "fp16", "fp32", "bf16", "amp", "none", "mean", "max", "release", "learned", "base", "new", "all",
              "ensemble", "Caltech101", "OxfordPets", "FER2013", "a photo of a", "[1, 2]", "(3,)", "{}"]
@@ -98,10 +92,11 @@ def check(trainer_name, fuzz_root, perturbed):
             f"{type(err).__name__} does not name the key among {perturbed}: {message[:500]}")
 
 
-@pytest.mark.parametrize("trainer_name", list(METHOD_KEYS))
+@pytest.mark.parametrize("trainer_name", METHODS)
 def test_fuzzed_config_gives_a_valid_run_or_a_clear_error(trainer_name, fuzz_root):
-    node = NODES[trainer_name]
-    keys = [f"TRAINER.{node}.{key}" for key in METHOD_KEYS[trainer_name]] + DATASET_KEYS
+    from vlprompt.methods.registry import get_method
+    node = get_method(trainer_name).config_node
+    keys = [f"TRAINER.{node}.{key}" for key in default_of(f"TRAINER.{node}")] + DATASET_KEYS
 
     @settings(max_examples=40, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))

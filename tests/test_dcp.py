@@ -1,43 +1,26 @@
 """DCP (CMPA) on the shared prompted-CLIP loop."""
 import copy
-import os
 import re
-import sys
 
 import pytest
 import torch
 
-from helpers import half_tolerance
 
-from conftest import ROOT, requires_dassl
+from conftest import requires_dassl
 from vlprompt.clip.loading import cast_clip
-from vlprompt.methods.dcp import DCP, DCPConfig
-from vlprompt.methods.common import ConfigError
-
-CLASSES = ["dog", "cat", "sports_car", "oak tree"]
-
-
-def build(clip_model, seed=0, **overrides):
-    settings = dict(n_ctx=4, prompt_depth=2)
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    return DCP(clip_model, DCPConfig(**settings), CLASSES)
-
-
-def images_for(clip_model, batch=6, seed=0):
-    side = clip_model.visual.input_resolution
-    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
+from vlprompt.methods.settings import ConfigError
+from helpers import DCP_CLASSES, accuracies, build_dcp, dcp_command, half_tolerance, images_for, run
 
 
 def grads_after_one_step(model, images):
-    loss, _, _ = model.loss(images, torch.arange(len(images)) % len(CLASSES))
+    loss, _, _ = model.loss(images, torch.arange(len(images)) % len(DCP_CLASSES))
     loss.backward()
     return {n: p.grad for n, p in model.prompt_learner.named_parameters()}
 
 
 @pytest.mark.parametrize("fusing", ["none", "mean"])
 def test_text_update_on_every_cmpa_side_gets_a_gradient(tiny_clip, fusing):
-    model = build(tiny_clip, fusing=fusing)
+    model = build_dcp(tiny_clip, fusing=fusing)
     grads = grads_after_one_step(model, images_for(tiny_clip))
     assert {n.split(".")[2] for n in grads if n.startswith("cmpa.")} == {"visual", "text"}
     assert [n for n, g in grads.items() if g is None or not g.abs().sum() > 0] == []
@@ -45,7 +28,7 @@ def test_text_update_on_every_cmpa_side_gets_a_gradient(tiny_clip, fusing):
 
 @pytest.mark.parametrize("fusing", ["none", "mean"])
 def test_text_update_off_leaves_the_text_side_without_gradient(tiny_clip, fusing):
-    model = build(tiny_clip, fusing=fusing, text_update=False)
+    model = build_dcp(tiny_clip, fusing=fusing, text_update=False)
     grads = grads_after_one_step(model, images_for(tiny_clip))
     for name, grad in grads.items():
         if ".text." in name:
@@ -55,7 +38,7 @@ def test_text_update_off_leaves_the_text_side_without_gradient(tiny_clip, fusing
 
 
 def test_fusing_none_predictions_do_not_depend_on_the_batch(tiny_clip):
-    model = build(tiny_clip).eval()
+    model = build_dcp(tiny_clip).eval()
     images = images_for(tiny_clip, batch=7)
     perm = torch.randperm(7, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -69,30 +52,22 @@ def test_fusing_none_predictions_do_not_depend_on_the_batch(tiny_clip):
     torch.testing.assert_close(cached, whole, atol=1e-5, rtol=1e-5)
 
 
-def test_text_features_never_see_the_images_with_fusing_none(tiny_clip):
-    model = build(tiny_clip).eval()
-    with torch.no_grad():
-        reference, _ = model._class_side()
-        for seed in (0, 1):
-            text, _ = model.encode(images_for(tiny_clip, batch=3, seed=seed))
-            torch.testing.assert_close(text, reference, atol=1e-5, rtol=1e-5)
-
-
 def test_release_fusing_shares_one_visual_update_across_the_batch(tiny_clip):
     """With FUSING mean (the release), a prediction depends on the other images of its batch."""
-    model = build(tiny_clip, fusing="mean").eval()
-    visual = torch.randn(5, 4, 128)
-    text = torch.randn(1, 4, 64)
+    model = build_dcp(tiny_clip, fusing="mean").eval()
+    cmpa = model.prompt_learner.module_for(1)
+    entering = []
+    cmpa.visual.register_forward_hook(lambda module, inputs, output: entering.append(output))
     with torch.no_grad():
-        new_text, new_visual, _ = model._updates(1, text, visual, None)
-        assert torch.equal(new_visual, new_visual[:1].expand(5, -1, -1))
         images = images_for(tiny_clip, batch=6)
-        assert not torch.allclose(model(images)[:2], model(images[:2]), atol=1e-4)
+        batch_of_six = model(images)
+        assert entering and all(v.shape[0] == 1 for v in entering)  # one update, given to every image
+        assert not torch.allclose(batch_of_six[:2], model(images[:2]), atol=1e-4)
 
 
 def test_prompt_sharing_changes_the_parameter_count(tiny_clip):
-    shared = build(tiny_clip, ps=True, prompt_depth=2).prompt_learner
-    per_layer = build(tiny_clip, ps=False, prompt_depth=2).prompt_learner
+    shared = build_dcp(tiny_clip, ps=True, prompt_depth=2).prompt_learner
+    per_layer = build_dcp(tiny_clip, ps=False, prompt_depth=2).prompt_learner
     contexts = shared.text_context.numel() + shared.visual_context.numel()
     module = sum(p.numel() for p in shared.cmpa.parameters())
     assert len(shared.cmpa) == 1 and len(per_layer.cmpa) == 2
@@ -104,8 +79,8 @@ def test_prompt_sharing_changes_the_parameter_count(tiny_clip):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precisions_agree_with_fp32(tiny_clip, dtype):
-    reference = build(tiny_clip).eval()
-    half = build(cast_clip(copy.deepcopy(tiny_clip), dtype)).eval()
+    reference = build_dcp(tiny_clip).eval()
+    half = build_dcp(cast_clip(copy.deepcopy(tiny_clip), dtype)).eval()
     half.prompt_learner.load_state_dict(reference.prompt_learner.state_dict())
     images = images_for(tiny_clip)
     with torch.no_grad():
@@ -115,8 +90,8 @@ def test_half_precisions_agree_with_fp32(tiny_clip, dtype):
 
 
 def test_a_few_steps_lower_the_loss(tiny_clip):
-    model = build(tiny_clip)
-    images, labels = images_for(tiny_clip, batch=8), torch.arange(8) % len(CLASSES)
+    model = build_dcp(tiny_clip)
+    images, labels = images_for(tiny_clip, batch=8), torch.arange(8) % len(DCP_CLASSES)
     optimizer = torch.optim.Adam(model.prompt_learner.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
@@ -129,50 +104,34 @@ def test_a_few_steps_lower_the_loss(tiny_clip):
 
 
 def test_vit_l_shaped_backbone_with_more_vision_than_text_layers(tiny_l_clip):
-    model = build(tiny_l_clip, prompt_depth=2, n_ctx=3)
+    model = build_dcp(tiny_l_clip, prompt_depth=2, n_ctx=3)
     grads = grads_after_one_step(model, images_for(tiny_l_clip, batch=3))
     assert all(g is not None for g in grads.values())
     assert model.prompt_learner.cmpa[0].visual.attn.num_heads == 3  # 192 // 64
 
 
 @pytest.mark.parametrize("overrides,key", [
-    (dict(prompt_depth=0), "TRAINER.DCP.PROMPT_DEPTH"),
-    (dict(prompt_depth=3), "TRAINER.DCP.PROMPT_DEPTH"),  # tiny CLIP: 3 layers, updates enter 1..2
-    (dict(fusing="sum"), "TRAINER.DCP.FUSING"),
-    (dict(ps="yes"), "TRAINER.DCP.PS"),
-    (dict(text_update=1), "TRAINER.DCP.TEXT_UPDATE"),
-    (dict(n_ctx=0), "TRAINER.DCP.N_CTX"),
-    (dict(fusing="max", node="TRAINER.CMPA", prompt_depth=9), "TRAINER.CMPA.PROMPT_DEPTH"),
+    (dict(prompt_depth=0), "PROMPT_DEPTH"),
+    (dict(prompt_depth=3), "PROMPT_DEPTH"),  # tiny CLIP: 3 layers, updates enter 1..2
+    (dict(fusing="sum"), "FUSING"),
+    (dict(ps="yes"), "PS"),
+    (dict(text_update=1), "TEXT_UPDATE"),
+    (dict(n_ctx=0), "N_CTX"),
 ])
-def test_bad_settings_name_the_key(tiny_clip, overrides, key):
-    with pytest.raises(ConfigError, match=re.escape(key)):
-        build(tiny_clip, **overrides)
+def test_bad_settings_name_the_setting(tiny_clip, overrides, key):
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}=") as err:
+        build_dcp(tiny_clip, **overrides)
+    assert err.value.setting == key.lower()
 
 
 # ---- with Dassl -----------------------------------------------------------------------------
-TINY = ["INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
-        "DATALOADER.TEST.BATCH_SIZE", "5", "DATASET.NUM_SHOTS", "4", "OPTIM.MAX_EPOCH", "2"]
-
-
-def dcp_command(workspace, out, trainer="DCP", config="configs/trainers/DCP/vit_b16_c2_ep20_batch4_16ctx.yaml",
-                subsample="base", model_dir=None):
-    node = f"TRAINER.{trainer}"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--root", str(workspace / "data"), "--seed", "1",
-           "--trainer", trainer, "--dataset-config-file", os.path.join(ROOT, "configs/datasets/caltech101.yaml"),
-           "--config-file", os.path.join(ROOT, config), "--output-dir", str(out)]
-    if model_dir:
-        cmd += ["--model-dir", str(model_dir), "--eval-only"]
-    return cmd + [f"{node}.N_CTX", "4", f"{node}.PROMPT_DEPTH", "2", f"{node}.PREC", "fp32",
-                  "MODEL.BACKBONE.PATH", str(workspace / "tiny_clip.pt"), "DATASET.SUBSAMPLE_CLASSES", subsample,
-                  "MODEL.FEATURE_CACHE_DIR", str(workspace / "cache"), *TINY]
 
 
 @requires_dassl
 def test_dcp_trains_checkpoints_and_evaluates_new_classes(workspace):
-    from test_trainer import accuracies, run
     out = workspace / "dcp_base"
     trained = run(dcp_command(workspace, out))
-    assert "DCP: fusing none, text update on" in trained.stdout
+    assert "DCP: DCPSettings(" in trained.stdout and "fusing='none', text_update=True" in trained.stdout
     state = torch.load(out / "MultiModalPromptLearner" / "model.pth.tar-2", weights_only=True)
     assert {k.split(".")[0] for k in state["state_dict"]} == {"text_context", "visual_context", "cmpa"}
     results = [accuracies(run(dcp_command(workspace, workspace / f"dcp_new{i}", subsample="new",
@@ -182,7 +141,7 @@ def test_dcp_trains_checkpoints_and_evaluates_new_classes(workspace):
 
 @requires_dassl
 def test_release_trainer_name_and_config_keys_work(workspace):
-    from test_trainer import run
     proc = run(dcp_command(workspace, workspace / "cmpa", trainer="CMPA",
                            config="configs/trainers/CMPA/vit_b16_c2_ep20_batch4_16ctx.yaml"))
-    assert "DCP: fusing mean, text update off" in proc.stdout and "Finish training" in proc.stdout
+    assert "CMPA: DCPSettings(" in proc.stdout and "fusing='mean', text_update=False" in proc.stdout
+    assert "Finish training" in proc.stdout

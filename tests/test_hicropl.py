@@ -4,36 +4,23 @@ import copy
 import pytest
 import torch
 
-from helpers import half_tolerance
 import torch.nn.functional as F
 
 from vlprompt.clip.class_features import frozen_class_features
 from vlprompt.clip.loading import cast_clip
-from vlprompt.methods.hicropl import ConfigError, HiCroPL, HiCroPLConfig, normalize
+from vlprompt.methods.common import normalize
+from vlprompt.methods.hicropl import HiCroPLSettings
+from vlprompt.methods.settings import ConfigError
 from vlprompt.clip.encoders import PromptedTextEncoder
-
-CLASSES = ["dog", "cat", "sports_car", "oak tree", "violin"]
-
-
-def build(clip_model, classes=CLASSES, seed=0, **overrides):
-    settings = dict(n_ctx=4, prompt_depth=3, cross_layer=1)
-    settings.update(overrides)
-    fixed = frozen_class_features(PromptedTextEncoder(clip_model), classes)
-    torch.manual_seed(seed)
-    return HiCroPL(clip_model, HiCroPLConfig(**settings), classes, fixed)
+from helpers import HICROPL_CLASSES, build_hicropl, half_tolerance, images_for
 
 
-def images_for(model, batch=6, seed=0):
-    size = model.image_encoder.conv1.kernel_size[0] * round((model.image_encoder.positional_embedding.shape[0] - 1) ** 0.5)
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def labels_for(batch, n_classes=len(CLASSES)):
+def labels_for(batch, n_classes=len(HICROPL_CLASSES)):
     return torch.arange(batch) % n_classes
 
 
 def test_learned_mode_every_trainable_module_gets_a_gradient(tiny_clip):
-    model = build(tiny_clip)
+    model = build_hicropl(tiny_clip)
     images = images_for(model)
     loss, _, _ = model.loss(images, labels_for(len(images)))
     loss.backward()
@@ -46,14 +33,14 @@ def test_learned_mode_every_trainable_module_gets_a_gradient(tiny_clip):
 
 
 def test_layer_prompts_are_independent_tensors(tiny_clip):
-    learner = build(tiny_clip).prompt_learner
+    learner = build_hicropl(tiny_clip).prompt_learner
     pointers = {p.data_ptr() for p in learner.parameters()}
     assert len(pointers) == len(list(learner.parameters()))
     assert not torch.equal(learner.visual_prompts[0], learner.visual_prompts[1])
 
 
 def test_flows_replace_the_right_layers(tiny_clip):
-    model = build(tiny_clip, prompt_depth=3, cross_layer=2)
+    model = build_hicropl(tiny_clip, prompt_depth=3, cross_layer=2)
     learner = model.prompt_learner
     text, visual = learner()
     k = 2
@@ -70,7 +57,7 @@ def test_flows_replace_the_right_layers(tiny_clip):
 def test_mapper_fuses_every_layer_of_its_group(tiny_clip):
     """Hierarchical mapping: changing the text prompt of layer 0 changes the mapped visual
     prompts of all early layers, not only layer 0."""
-    model = build(tiny_clip, prompt_depth=3, cross_layer=2)
+    model = build_hicropl(tiny_clip, prompt_depth=3, cross_layer=2)
     learner = model.prompt_learner
     before = learner.text_to_image_flow().detach().clone()
     with torch.no_grad():
@@ -80,7 +67,7 @@ def test_mapper_fuses_every_layer_of_its_group(tiny_clip):
 
 
 def test_release_mode_writes_mapper_output_in_place_without_gradient(tiny_clip):
-    model = build(tiny_clip, prompt_depth=3, cross_layer=1, mapper_mode="release")
+    model = build_hicropl(tiny_clip, prompt_depth=3, cross_layer=1, mapper_mode="release")
     learner = model.prompt_learner
     with torch.no_grad():
         expected_v = learner.text_to_image_flow().clone()
@@ -100,8 +87,8 @@ def test_release_mode_writes_mapper_output_in_place_without_gradient(tiny_clip):
 
 def test_release_mode_prompts_drift_at_every_forward(tiny_clip):
     """The release rewrites prompts at each forward, eval included; learned mode never does."""
-    release = build(tiny_clip, mapper_mode="release").eval()
-    learned = build(tiny_clip).eval()
+    release = build_hicropl(tiny_clip, mapper_mode="release").eval()
+    learned = build_hicropl(tiny_clip).eval()
     images = images_for(release, batch=2)
     with torch.no_grad():
         assert not torch.equal(release(images), release(images))
@@ -109,7 +96,7 @@ def test_release_mode_prompts_drift_at_every_forward(tiny_clip):
 
 
 def test_eval_logits_do_not_depend_on_batch_size_or_order(tiny_clip):
-    model = build(tiny_clip).eval()
+    model = build_hicropl(tiny_clip).eval()
     images = images_for(model, batch=7)
     with torch.no_grad(), model.evaluation():
         whole = model(images)
@@ -123,14 +110,14 @@ def test_eval_logits_do_not_depend_on_batch_size_or_order(tiny_clip):
 
 
 def test_loss_is_ce_plus_lambda_times_distillation(tiny_clip):
-    model = build(tiny_clip, lambd=3.5)
+    model = build_hicropl(tiny_clip, lambd=3.5)
     images = images_for(model)
     labels = labels_for(len(images))
     torch.manual_seed(0)
     loss, logits, parts = model.loss(images, labels)
     with torch.no_grad():
         text_prompts, visual_prompts = model.prompt_learner()
-        t_fix = model.fixed_text_features
+        t_fix = model.frozen_text_features
         i_zs = normalize(tiny_clip.encode_image(images).float())
         t = normalize(normalize(model.text_encoder(model.token_ids, text_prompts)) + t_fix)
         i = normalize(normalize(model.image_encoder(images, visual_prompts)) + i_zs)
@@ -143,11 +130,11 @@ def test_loss_is_ce_plus_lambda_times_distillation(tiny_clip):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits_agree_with_fp32(tiny_clip, dtype):
-    reference = build(tiny_clip).eval()
+    reference = build_hicropl(tiny_clip).eval()
     half_clip = cast_clip(copy.deepcopy(tiny_clip), dtype)
-    half = build(half_clip)
+    half = build_hicropl(half_clip)
     half.prompt_learner.load_state_dict(reference.prompt_learner.state_dict())
-    half.fixed_text_features.copy_(reference.fixed_text_features)
+    half.frozen_text_features.copy_(reference.frozen_text_features)
     images = images_for(reference)
     with torch.no_grad():
         expected, got = reference(images), half.eval()(images)
@@ -169,7 +156,7 @@ def train_steps(model, images, labels, steps, lr=5e-3):
 
 
 def test_a_few_steps_lower_the_loss(tiny_clip):
-    model = build(tiny_clip)
+    model = build_hicropl(tiny_clip)
     images = images_for(model, batch=10)
     losses = train_steps(model, images, labels_for(10), steps=15)
     assert losses[-1] < 0.7 * losses[0]
@@ -177,7 +164,7 @@ def test_a_few_steps_lower_the_loss(tiny_clip):
 
 def test_vit_l_shaped_model_trains(tiny_l_clip):
     """Other widths (128 text / 192 vision), more vision than text layers, patch 14."""
-    model = build(tiny_l_clip, n_ctx=3, prompt_depth=3, cross_layer=2)
+    model = build_hicropl(tiny_l_clip, n_ctx=3, prompt_depth=3, cross_layer=2)
     assert model.text_encoder.width == 128 and model.image_encoder.width == 192
     images = images_for(model, batch=10)
     losses = train_steps(model, images, labels_for(10), steps=12)
@@ -186,16 +173,16 @@ def test_vit_l_shaped_model_trains(tiny_l_clip):
 
 def test_ctx_init_seeds_the_first_text_prompt(tiny_clip):
     import clip
-    model = build(tiny_clip, n_ctx=2, ctx_init="a photo of a")
+    model = build_hicropl(tiny_clip, n_ctx=2, ctx_init="a photo of a")
     words = tiny_clip.token_embedding(clip.tokenize("a photo of a"))[0, 1:3]
     torch.testing.assert_close(model.prompt_learner.text_prompts[0].detach(), words.detach())
     assert model.prompt_prefix == "a photo of a"  # "of a" stays as fixed tokens, as in the release
-    too_short = build(tiny_clip, n_ctx=8, ctx_init="a photo of a")
+    too_short = build_hicropl(tiny_clip, n_ctx=8, ctx_init="a photo of a")
     assert too_short.prompt_prefix == " ".join(["X"] * 8)
 
 
 def test_set_classes_retargets_a_trained_model(tiny_clip):
-    model = build(tiny_clip)
+    model = build_hicropl(tiny_clip)
     new = ["tulip", "yacht", "walrus"]
     model.set_classes(new, frozen_class_features(PromptedTextEncoder(tiny_clip), new))
     with torch.no_grad():
@@ -219,21 +206,22 @@ def test_set_classes_retargets_a_trained_model(tiny_clip):
     (dict(ctx_init=" ".join(["word"] * 90)), "CTX_INIT"),
 ])
 def test_bad_config_values_give_a_clear_error(tiny_clip, overrides, key):
-    with pytest.raises(ConfigError, match=f"TRAINER.HICROPL.{key}"):
-        build(tiny_clip, **overrides)
+    with pytest.raises(ConfigError, match=f"^{key}=") as err:
+        build_hicropl(tiny_clip, **overrides)
+    assert err.value.setting == key.lower()
 
 
 def test_class_prompt_too_long_for_context_is_a_clear_error(tiny_clip):
     with pytest.raises(ConfigError, match="N_CTX"):
-        build(tiny_clip, classes=["word " * 70], n_ctx=6)
+        build_hicropl(tiny_clip, classes=["word " * 70], n_ctx=6)
 
 
 def test_fast_and_release_style_paths_give_the_same_logits_and_loss(tiny_clip):
     """Shortcuts, fused attention, one frozen encoder and the eval cache change cost, not results."""
     from vlprompt.methods.hicropl_reference import ReleaseStyleHiCroPL
-    fast = build(tiny_clip)
-    fixed = fast.fixed_text_features
-    reference = ReleaseStyleHiCroPL(tiny_clip, HiCroPLConfig(n_ctx=4, prompt_depth=3, cross_layer=1), CLASSES, fixed)
+    fast = build_hicropl(tiny_clip)
+    fixed = fast.frozen_text_features
+    reference = ReleaseStyleHiCroPL(tiny_clip, HiCroPLSettings(n_ctx=4, ctx_init="", prompt_depth=3, cross_layer=1), HICROPL_CLASSES, fixed)
     reference.prompt_learner.load_state_dict(fast.prompt_learner.state_dict())
     images, labels = images_for(fast), labels_for(6)
     loss_fast, logits_fast, _ = fast.loss(images, labels)

@@ -2,53 +2,21 @@
 import os
 import re
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, requires_dassl
+from conftest import requires_dassl
+from helpers import accuracies, release_name, run, train_command
 
 pytestmark = requires_dassl
-
-TINY = ["INPUT.SIZE", "(32, 32)", "TRAINER.HICROPL.N_CTX", "4", "TRAINER.HICROPL.PROMPT_DEPTH", "3",
-        "TRAINER.HICROPL.CROSS_LAYER", "1", "DATALOADER.NUM_WORKERS", "0",
-        "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "DATALOADER.TEST.BATCH_SIZE", "5", "DATASET.NUM_SHOTS", "4"]
-
-
-def command(workspace, out, *extra, subsample="base", epochs=2, prec="fp32", eval_only_from=None):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--root", str(workspace / "data"),
-           "--seed", "1", "--trainer", "HiCroPL",
-           "--dataset-config-file", os.path.join(ROOT, "configs/datasets/caltech101.yaml"),
-           "--config-file", os.path.join(ROOT, "configs/trainers/HiCroPL/vit_b16_c2_ep50_batch32_16ctx.yaml"),
-           "--output-dir", str(out)]
-    if eval_only_from is not None:
-        cmd += ["--model-dir", str(eval_only_from), "--eval-only"]
-    options, opts = [a for a in extra if a.startswith("--")], [a for a in extra if not a.startswith("--")]
-    if "--load-epoch" in options:  # its value follows it
-        options.append(opts.pop(0))
-    return cmd + options + ["DATASET.SUBSAMPLE_CLASSES", subsample, "OPTIM.MAX_EPOCH", str(epochs),
-                            "TRAINER.HICROPL.PREC", prec, "MODEL.BACKBONE.PATH", str(workspace / "tiny_clip.pt"),
-                            "MODEL.FEATURE_CACHE_DIR", str(workspace / "cache"), *TINY, *opts]
-
-
-def run(cmd, expect_ok=True):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def accuracies(stdout):
-    return [float(a) for a in re.findall(r"\* accuracy: ([\d.]+)%", stdout)]
 
 
 @pytest.fixture(scope="module")
 def trained(workspace):
     out = workspace / "train_base"
-    proc = run(command(workspace, out))
+    proc = run(train_command(workspace, out))
     return out, proc.stdout
 
 
@@ -72,7 +40,7 @@ def test_new_classes_are_evaluated_from_the_base_checkpoint_twice_identically(tr
     model_dir, _ = trained
     results = []
     for attempt in range(2):
-        proc = run(command(workspace, workspace / f"test_new_{attempt}", subsample="new", eval_only_from=model_dir))
+        proc = run(train_command(workspace, workspace / f"test_new_{attempt}", subsample="new", eval_only_from=model_dir))
         assert "* total: 9" in proc.stdout  # 3 new classes x 3 test images
         results.append(accuracies(proc.stdout))
     assert len(results[0]) == 1 and results[0] == results[1]
@@ -83,9 +51,9 @@ def test_new_classes_are_evaluated_from_the_base_checkpoint_twice_identically(tr
 
 def test_eval_only_with_load_epoch_and_missing_checkpoint(trained, workspace):
     model_dir, _ = trained
-    proc = run(command(workspace, workspace / "ep2", "--load-epoch", "2", eval_only_from=model_dir))
+    proc = run(train_command(workspace, workspace / "ep2", "--load-epoch", "2", eval_only_from=model_dir))
     assert "model.pth.tar-2" in proc.stdout and len(accuracies(proc.stdout)) == 1
-    proc = run(command(workspace, workspace / "ep9", "--load-epoch", "9", eval_only_from=model_dir), expect_ok=False)
+    proc = run(train_command(workspace, workspace / "ep9", "--load-epoch", "9", eval_only_from=model_dir), expect_ok=False)
     assert proc.returncode != 0 and "No checkpoint at" in proc.stderr and "model.pth.tar-9" in proc.stderr
 
 
@@ -105,9 +73,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_killed_run_resumes_to_the_same_result(workspace):
     straight = workspace / "straight"
-    reference = run(command(workspace, straight, epochs=3))
+    reference = run(train_command(workspace, straight, epochs=3))
     resumed = workspace / "resumed"
-    cmd = command(workspace, resumed, epochs=3)
+    cmd = train_command(workspace, resumed, epochs=3)
     killed = run([sys.executable, "-c", KILL_AFTER_FIRST_EPOCH] + cmd[1:], expect_ok=False)
     assert killed.returncode == -signal.SIGKILL
     assert (resumed / "VLPromptLearner" / "resume.pth.tar").exists()
@@ -125,7 +93,7 @@ def test_killed_run_resumes_to_the_same_result(workspace):
 
 @pytest.mark.parametrize("prec", ["fp16", "bf16", "amp"])
 def test_every_precision_trains_on_cpu(workspace, prec):
-    proc = run(command(workspace, workspace / f"prec_{prec}", epochs=1, prec=prec))
+    proc = run(train_command(workspace, workspace / f"prec_{prec}", epochs=1, prec=prec))
     losses = [float(x) for x in re.findall(r" loss ([\d.]+) \(", proc.stdout)]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert (workspace / f"prec_{prec}" / "VLPromptLearner" / "model.pth.tar-1").exists()
@@ -139,12 +107,12 @@ def test_every_precision_trains_on_cpu(workspace, prec):
     (["INPUT.SIZE", "(224, 224)"], "INPUT.SIZE=(224, 224) does not match"),
 ])
 def test_bad_config_gives_a_clear_error(workspace, opts, message):
-    proc = run(command(workspace, workspace / "bad", *opts), expect_ok=False)
+    proc = run(train_command(workspace, workspace / "bad", *opts), expect_ok=False)
     assert proc.returncode != 0 and message in proc.stderr
 
 
 def test_missing_dataset_folder_names_the_path(workspace, tmp_path):
-    cmd = command(workspace, tmp_path / "out")
+    cmd = train_command(workspace, tmp_path / "out")
     cmd[cmd.index("--root") + 1] = str(tmp_path / "nowhere")
     proc = run(cmd, expect_ok=False)
     assert proc.returncode != 0 and f"{tmp_path / 'nowhere' / 'caltech-101'} not found" in proc.stderr
@@ -152,7 +120,6 @@ def test_missing_dataset_folder_names_the_path(workspace, tmp_path):
 
 def test_release_checkpoint_folder_is_converted_on_load(trained, workspace):
     """A `VLPromptLearner/model-best.pth.tar` written by the release evaluates with our trainer."""
-    from test_release_checkpoint import release_name
     model_dir, _ = trained
     ours = torch.load(model_dir / "VLPromptLearner" / "model-best.pth.tar", weights_only=True)
     release = {f"prompt_learner.{release_name(k)}": v for k, v in ours["state_dict"].items()}
@@ -163,11 +130,11 @@ def test_release_checkpoint_folder_is_converted_on_load(trained, workspace):
     torch.save({"state_dict": release, "epoch": 2, "val_result": 50.0,
                 "scheduler": {"successor": torch.optim.lr_scheduler.CosineAnnealingLR(opt, 5.0)}},
                folder / "model-best.pth.tar")
-    refused = run(command(workspace, workspace / "rel_eval", eval_only_from=folder.parent), expect_ok=False)
+    refused = run(train_command(workspace, workspace / "rel_eval", eval_only_from=folder.parent), expect_ok=False)
     assert refused.returncode != 0 and "TRUST_RELEASE_CHECKPOINT" in refused.stderr
-    proc = run(command(workspace, workspace / "rel_eval", "TRAINER.HICROPL.TRUST_RELEASE_CHECKPOINT", "True",
+    proc = run(train_command(workspace, workspace / "rel_eval", "MODEL.TRUST_RELEASE_CHECKPOINT", "True",
                        eval_only_from=folder.parent))
-    direct = run(command(workspace, workspace / "our_eval", eval_only_from=model_dir))
+    direct = run(train_command(workspace, workspace / "our_eval", eval_only_from=model_dir))
     assert accuracies(proc.stdout) == accuracies(direct.stdout)
 
 
@@ -185,7 +152,7 @@ def test_trainer_uses_optim_eps_and_dassls_schedule(workspace, tmp_path):
     at the constant warm-up lr."""
     import train
     from dassl.engine import build_trainer
-    cmd = command(workspace, tmp_path / "inproc")
+    cmd = train_command(workspace, tmp_path / "inproc")
     cfg = train.setup_cfg(train.build_parser().parse_args(cmd[2:]))
     trainer = build_trainer(cfg)
     assert {g["eps"] for g in trainer.optim.param_groups} == {1e-3}
@@ -196,17 +163,17 @@ def test_trainer_uses_optim_eps_and_dassls_schedule(workspace, tmp_path):
 
 def test_last_step_final_model(workspace):
     out = workspace / "last_step"
-    proc = run(command(workspace, out, "TEST.FINAL_MODEL", "last_step"))
+    proc = run(train_command(workspace, out, "TEST.FINAL_MODEL", "last_step"))
     assert "Deploy the last-epoch model" in proc.stdout and "Evaluate on the *val* set" not in proc.stdout
     assert sorted(p.name for p in (out / "VLPromptLearner").iterdir()) == ["checkpoint", "model.pth.tar-2"]
-    evaluated = run(command(workspace, workspace / "last_step_eval", eval_only_from=out))
+    evaluated = run(train_command(workspace, workspace / "last_step_eval", eval_only_from=out))
     assert "model.pth.tar-2" in evaluated.stdout  # no model-best: the latest checkpoint
 
 
 def test_deterministic_mode_trains_and_says_so(workspace):
     """--deterministic turns on torch's deterministic algorithms (which raise on any op without a
     deterministic kernel) and turns cuDNN autotuning off; the run trains under them."""
-    proc = run(command(workspace, workspace / "deterministic", "--deterministic", epochs=1))
+    proc = run(train_command(workspace, workspace / "deterministic", "--deterministic", epochs=1))
     assert "Deterministic mode: deterministic algorithms only" in proc.stdout
     assert (workspace / "deterministic" / "VLPromptLearner" / "model.pth.tar-1").exists()
 

@@ -1,34 +1,55 @@
-"""What every CLIP prompt-learning trainer needs from Dassl, on current PyTorch.
+"""The Dassl trainer of every prompt method over frozen CLIP, made from the method's descriptor
+(vlprompt.methods.registry): `make_trainer(spec)` gives the class registered as `--trainer NAME`.
 
+- settings: TRAINER.<NODE>.* (generated from the method's settings dataclass, trainers/config.py)
+  become the dataclass; invalid values stop the run naming the key;
 - precision: fp32, fp16 and bf16 (frozen CLIP in that dtype, trainable state in fp32) and amp
   (autocast + GradScaler), on CPU and GPU;
 - optimizer from Dassl with OPTIM.EPS, schedule with Dassl's per-epoch values (schedule.py);
-- checkpoints that hold only the trainable module (checkpointed_trainer.py);
+- checkpoints that hold only the trainable module (checkpointed_trainer.py); release checkpoints
+  converted by the method's descriptor;
 - evaluation that encodes the classes once per pass (the model's `evaluation()` context) and
   reuses frozen image features of val/test images across passes, seeds and configs (on disk).
-
-A subclass implements `build_prompt_model()` returning (model, trainable module); the model
-provides `loss(images, labels) -> (loss, logits, parts)`, `forward(images, zero_shot=None) ->
-logits`, `zero_shot_image_features(images)` and an `evaluation()` context manager.
+The model contract is vlprompt.methods.base.PromptModel.
 """
+import os.path as osp
+
 import PIL
 import torch
 import torchvision
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
+from tqdm import tqdm
 
-from vlprompt.clip.class_features import ClassFeatureStore, frozen_class_features
-from vlprompt.clip.loading import cast_clip, load_clip
-from vlprompt.clip.image_features import ImageFeatureCache
-from vlprompt.files import cache_root, tensors_fingerprint
+from vlprompt.clip.class_features import ClassFeatureStore, DescriptionsError, frozen_class_features
 from vlprompt.clip.encoders import PromptedTextEncoder
-from vlprompt.clip.templates import GENERIC_TEMPLATES
+from vlprompt.clip.image_features import ImageFeatureCache
+from vlprompt.clip.loading import architecture_shape, backbone_shape, cast_clip, load_clip
+from vlprompt.files import cache_root, load_strict, read_checkpoint, tensors_fingerprint
+from vlprompt.methods import settings as method_settings
+from vlprompt.methods.registry import MethodSpec
 
 from .checkpointed_trainer import CheckpointedTrainer
-from .config import PRECISIONS
 from .schedule import build_lr_scheduler
 
+PRECISIONS = ("fp32", "fp16", "bf16", "amp")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Dassl dataset name -> the release's descriptions file stem (gpt_file/<stem>_prompt.json)
+DESCRIPTION_FILE_STEMS = {
+    "Caltech101": "caltech", "DescribableTextures": "dtd", "EuroSAT": "eurosat",
+    "FGVCAircraft": "fgvc", "Food101": "food101", "ImageNet": "imagenet",
+    "ImageNetA": "imagenet_a", "ImageNetR": "imagenet_r", "ImageNetSketch": "imagenet_sketch",
+    "ImageNetV2": "imagenetv2", "OxfordFlowers": "oxford_flowers", "OxfordPets": "oxford_pets",
+    "StanfordCars": "stanford_cars", "SUN397": "sun397", "UCF101": "ucf101",
+}
+
+
+def descriptions_path(cfg) -> str:
+    if cfg.DATASET.DESCRIPTIONS_FILE:
+        return cfg.DATASET.DESCRIPTIONS_FILE
+    stem = DESCRIPTION_FILE_STEMS.get(cfg.DATASET.NAME, cfg.DATASET.NAME.lower())
+    return osp.join(cfg.DATASET.DESCRIPTIONS_DIR, f"{stem}_prompt.json")
 
 
 def check_precision(prec: str, key: str, on_cuda: bool) -> None:
@@ -40,32 +61,52 @@ def check_precision(prec: str, key: str, on_cuda: bool) -> None:
                          f"(it would only be emulated, slowly); use fp16 or amp")
 
 
-def check_input_size(cfg, clip_model) -> None:
-    resolution = clip_model.visual.input_resolution
+def check_input_size(cfg, resolution: int) -> None:
     if tuple(cfg.INPUT.SIZE) != (resolution, resolution):
         raise ValueError(f"INPUT.SIZE={tuple(cfg.INPUT.SIZE)} does not match the backbone's input "
                          f"resolution {resolution}: set INPUT.SIZE ({resolution}, {resolution})")
 
 
 class ClipPromptTrainer(CheckpointedTrainer):
-    """Dassl TrainerX for a prompt model over frozen CLIP; subclasses set METHOD and NAME."""
+    """Dassl TrainerX for a prompt model over frozen CLIP; `make_trainer` sets the class fields."""
 
-    METHOD = ""  # config node under TRAINER, e.g. "HICROPL"
-    CHECKPOINT_NAME = "prompt_learner"  # folder of the checkpoints in OUTPUT_DIR
+    spec: MethodSpec = None
+    node = ""  # config node under TRAINER, e.g. "HICROPL"
 
     # ---- config ----------------------------------------------------------------------------
-    @property
-    def method_cfg(self):
-        return self.cfg.TRAINER[self.METHOD]
+    @classmethod
+    def key(cls, setting: str) -> str:
+        return f"TRAINER.{cls.node}.{setting.upper()}"
+
+    @classmethod
+    def settings_from(cls, cfg):
+        """The method's settings from TRAINER.<NODE>; an invalid one stops the run naming its key."""
+        try:
+            return method_settings.from_values(cls.spec.settings, dict(cfg.TRAINER[cls.node]))
+        except method_settings.ConfigError as err:
+            raise ValueError(err.key_message(cls.key)) from err
+
+    @classmethod
+    def validate_for(cls, settings, shape) -> None:
+        try:
+            method_settings.checked(settings, shape)
+        except method_settings.ConfigError as err:
+            raise ValueError(err.key_message(cls.key)) from err
 
     @property
     def precision(self) -> str:
-        return self.method_cfg.PREC
+        return self.cfg.TRAINER[self.node].PREC
 
     def check_cfg(self, cfg):
+        """Everything checkable without weights or data, before either is loaded."""
         super().check_cfg(cfg)
-        check_precision(cfg.TRAINER[self.METHOD].PREC, f"TRAINER.{self.METHOD}.PREC",
-                        on_cuda=cfg.USE_CUDA and torch.cuda.is_available())
+        check_precision(cfg.TRAINER[self.node].PREC, self.key("prec"), on_cuda=cfg.USE_CUDA and torch.cuda.is_available())
+        settings = self.settings_from(cfg)
+        backbone = cfg.MODEL.BACKBONE
+        shape = None if backbone.PATH else architecture_shape(backbone.NAME)
+        if shape is not None:  # OpenAI's named backbones: their shapes are known without weights
+            self.validate_for(settings, shape)
+            check_input_size(cfg, shape.image_resolution)
 
     # ---- model -----------------------------------------------------------------------------
     def load_frozen_clip(self):
@@ -73,16 +114,24 @@ class ClipPromptTrainer(CheckpointedTrainer):
         backbone = self.cfg.MODEL.BACKBONE
         print(f"Loading CLIP (backbone: {backbone.NAME}{', file: ' + backbone.PATH if backbone.PATH else ''})")
         clip_model = load_clip(backbone.NAME, backbone.PATH, backbone.DOWNLOAD_ROOT or None)
-        check_input_size(self.cfg, clip_model)
+        check_input_size(self.cfg, clip_model.visual.input_resolution)
         return clip_model.to(self.device)
 
-    def frozen_class_features(self, clip_model, classnames, descriptions_path=None, templates=GENERIC_TEMPLATES):
-        """Frozen CLIP's class text features [C, E] fp32, computed where the run computes (so
-        a GPU run does not wait on the CPU) before CLIP is cast to PREC, and cached on disk."""
+    def frozen_class_features(self, clip_model, settings):
+        """Frozen CLIP's class text features [C, E] fp32 from the texts the method asks for,
+        computed where the run computes (a GPU run does not wait on the CPU) before CLIP is cast
+        to PREC, and cached on disk; None for methods that use none."""
+        texts = self.spec.class_texts(settings, self.cfg.DATASET.NAME) if self.spec.class_texts else None
+        if texts is None:
+            return None
         store = ClassFeatureStore(cache_root(self.cfg.MODEL.FEATURE_CACHE_DIR), report=print)
         chunk = 1024 if self.device.type == "cuda" else 256
-        return frozen_class_features(PromptedTextEncoder(clip_model), classnames, descriptions_path,
-                                     templates=templates, store=store, chunk=chunk)
+        path = descriptions_path(self.cfg) if texts.descriptions else None
+        try:
+            return frozen_class_features(PromptedTextEncoder(clip_model), self.dm.dataset.classnames, path,
+                                         templates=texts.templates, store=store, chunk=chunk)
+        except DescriptionsError as err:
+            raise DescriptionsError(f"{err} (set by DATASET.DESCRIPTIONS_FILE / DATASET.DESCRIPTIONS_DIR)") from err
 
     def to_compute_precision(self, clip_model):
         """fp16/bf16: cast frozen CLIP's matmul weights; fp32 and amp keep fp32 weights."""
@@ -90,22 +139,50 @@ class ClipPromptTrainer(CheckpointedTrainer):
             cast_clip(clip_model, HALF_DTYPES[self.precision])
         return clip_model
 
-    def build_prompt_model(self):
-        raise NotImplementedError
-
     def build_model(self):
-        self.model, trainable = self.build_prompt_model()
+        cfg = self.cfg
+        settings = self.settings_from(cfg)
+        clip_model = self.load_frozen_clip()
+        self.validate_for(settings, backbone_shape(clip_model))  # a local file's shape is known now
+        frozen_text_features = self.frozen_class_features(clip_model, settings)
+        self.to_compute_precision(clip_model)
+        self.model = self.spec.model(clip_model, settings, self.dm.dataset.classnames, frozen_text_features)
+        trainable = self.model.prompt_learner
+        if cfg.MODEL.INIT_WEIGHTS:
+            state = self.load_state_for(self.spec.checkpoint_folder, cfg.MODEL.INIT_WEIGHTS)
+            load_strict(trainable, state["state_dict"], cfg.MODEL.INIT_WEIGHTS)
+        print(f"{type(self).__name__}: {settings}")
+        print(f"{len(self.dm.dataset.classnames)} classes, prompt prefix '{getattr(self.model, 'prompt_prefix', '')}'")
         self.model.to(self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "amp" else None
+        if not self.spec.trains:
+            return
         n_params = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
         print(f"Trainable parameters: {n_params:,} (frozen CLIP excluded from checkpoints)")
-        self.optim = build_optimizer(trainable, self.cfg.OPTIM)
-        if self.cfg.OPTIM.NAME in ("adam", "amsgrad", "adamw", "radam"):
+        self.optim = build_optimizer(trainable, cfg.OPTIM)
+        if cfg.OPTIM.NAME in ("adam", "amsgrad", "adamw", "radam"):
             for group in self.optim.param_groups:
-                group["eps"] = self.cfg.OPTIM.EPS
-            self.optim.defaults["eps"] = self.cfg.OPTIM.EPS
-        self.sched = build_lr_scheduler(self.optim, self.cfg.OPTIM)
-        self.register_model(self.CHECKPOINT_NAME, trainable, self.optim, self.sched)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "amp" else None
+                group["eps"] = cfg.OPTIM.EPS
+            self.optim.defaults["eps"] = cfg.OPTIM.EPS
+        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
+        self.register_model(self.spec.checkpoint_folder, trainable, self.optim, self.sched)
+
+    def load_state_for(self, name, path):
+        """Our checkpoints, or the release's (key names converted by the method's descriptor; a
+        pickled one only with MODEL.TRUST_RELEASE_CHECKPOINT True)."""
+        release = self.spec.release_checkpoint
+        state = read_checkpoint(path, trust_pickle=self.cfg.MODEL.TRUST_RELEASE_CHECKPOINT,
+                                trust_key="MODEL.TRUST_RELEASE_CHECKPOINT")
+        weights = state.get("state_dict", state)
+        if release is not None and release.recognizes(weights):
+            print(f"{path} is a checkpoint of the official release: converting its key names")
+            return {**state, "state_dict": release.convert(weights), "epoch": state.get("epoch")}
+        return state
+
+    def train(self):
+        if not self.spec.trains:
+            raise RuntimeError(f"{self.spec.name} has nothing to train: run train.py with --eval-only")
+        super().train()
 
     # ---- train -----------------------------------------------------------------------------
     def autocast(self):
@@ -143,24 +220,42 @@ class ClipPromptTrainer(CheckpointedTrainer):
 
     @torch.no_grad()
     def test(self, split=None):
+        """Dassl's evaluation loop, with each batch's image files passed to the inference (the
+        frozen-feature cache is keyed by them) and the classes encoded once per pass."""
         if (self.feature_cache is None and self.cfg.TEST.CACHE_FROZEN_FEATURES
-                and getattr(self.model, "uses_frozen_image_features", False)):
+                and self.model.uses_frozen_image_features):
             self.feature_cache = self.build_feature_cache()
         self.set_model_mode("eval")
         self.model.eval()
+        self.evaluator.reset()
+        split = split or self.cfg.TEST.SPLIT
+        if split != "val" or self.val_loader is None:
+            split = "test"
+        loader = self.val_loader if split == "val" else self.test_loader
+        print(f"Evaluate on the *{split}* set")
         try:
             with self.autocast(), self.model.evaluation():
-                return super().test(split)
+                for batch in tqdm(loader):
+                    images, labels = batch["img"].to(self.device), batch["label"].to(self.device)
+                    self.evaluator.process(self.infer(images, batch["impath"]), labels)
         finally:
             if self.feature_cache is not None:
                 self.feature_cache.save()
+        results = self.evaluator.evaluate()
+        for name, value in results.items():
+            self.write_scalar(f"{split}/{name}", value, self.epoch)
+        return list(results.values())[0]
 
-    def parse_batch_test(self, batch):
-        self._batch_impaths = batch["impath"]
-        return super().parse_batch_test(batch)
-
-    def model_inference(self, images):
+    def infer(self, images, impaths):
+        """Logits of one evaluation batch; frozen image features come from the cache if kept."""
         if self.feature_cache is None:
             return self.model(images)
-        zero_shot = self.feature_cache.features(self._batch_impaths, images, self.model.zero_shot_image_features)
-        return self.model(images, zero_shot=zero_shot)
+        frozen = self.feature_cache.features(impaths, images, self.model.frozen_image_features)
+        return self.model(images, frozen_image_features=frozen)
+
+
+def make_trainer(spec: MethodSpec, name: str, node: str) -> type:
+    """The Dassl trainer class `name` of a method, reading TRAINER.<node>."""
+    return type(name, (ClipPromptTrainer,), {
+        "spec": spec, "node": node, "__module__": __name__,
+        "__doc__": f"Dassl trainer of {spec.name} (TRAINER.{node}.*), made from its descriptor."})

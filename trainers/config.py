@@ -1,7 +1,11 @@
-"""Config keys this toolkit adds to Dassl's defaults (yacs), with the release's defaults."""
+"""Config keys this toolkit adds to Dassl's defaults (yacs): its own, and one node per method."""
+from dassl.engine import TRAINER_REGISTRY
 from yacs.config import CfgNode as CN
 
-PRECISIONS = ("fp32", "fp16", "bf16", "amp")
+from vlprompt.methods.registry import methods
+from vlprompt.methods.settings import defaults
+
+from .clip_prompt import ClipPromptTrainer
 
 
 def extend_cfg(cfg: CN) -> CN:
@@ -37,41 +41,16 @@ def extend_cfg(cfg: CN) -> CN:
     # RAF-DB's labels: "raf" (its own order) or "fer" (FER-2013's, for cross-dataset tests)
     cfg.DATASET.RAF_LABEL_ORDER = "raf"
 
-    cfg.TRAINER.HICROPL = CN()
-    cfg.TRAINER.HICROPL.N_CTX = 16  # prompt tokens per layer and modality
-    cfg.TRAINER.HICROPL.CTX_INIT = "a photo of a"  # used when it has >= N_CTX tokens
-    cfg.TRAINER.HICROPL.PROMPT_DEPTH = 12  # layers 0..PROMPT_DEPTH-1 carry prompts
-    cfg.TRAINER.HICROPL.CROSS_LAYER = 6  # layers < CROSS_LAYER: text->image; the rest image->text
-    cfg.TRAINER.HICROPL.LAMBD = 12.0  # weight of the distillation toward frozen CLIP
-    cfg.TRAINER.HICROPL.PREC = "fp16"  # fp32 | fp16 | bf16 | amp
-    cfg.TRAINER.HICROPL.MAPPER_MODE = "learned"  # learned | release (in-place, no gradient)
-    cfg.TRAINER.HICROPL.N_HEADS = 8  # heads of the proxies and mappers
-    # Exact shortcuts in the text encoder (cut at EOT, shared prefix); False = the release's way.
-    cfg.TRAINER.HICROPL.EXACT_SHORTCUTS = True
-    # Release checkpoints pickle a scheduler object: reading one needs full unpickling.
-    cfg.TRAINER.HICROPL.TRUST_RELEASE_CHECKPOINT = False
+    # Trust checkpoints that need full unpickling (the releases' pickle their LR scheduler):
+    # such a file can run code when read, so reading one is an explicit choice.
+    cfg.MODEL.TRUST_RELEASE_CHECKPOINT = False
 
-    # DCP (Findings ACL 2023); TRAINER.CMPA: the same keys under the release's trainer name, with
-    # the release's behaviour as defaults.
-    for node, fusing, text_update in (("DCP", "none", True), ("CMPA", "mean", False)):
-        cfg.TRAINER[node] = CN()
-        cfg.TRAINER[node].N_CTX = 16
-        cfg.TRAINER[node].CTX_INIT = "a photo of a"  # used when it has >= N_CTX tokens
-        cfg.TRAINER[node].PROMPT_DEPTH = 9  # CMPA updates enter layers 1..PROMPT_DEPTH
-        cfg.TRAINER[node].PS = True  # one CMPA module for all layers (False: one per layer)
-        cfg.TRAINER[node].FUSING = fusing  # none (per image, batch-independent) | mean | first | max
-        cfg.TRAINER[node].TEXT_UPDATE = text_update  # splice the text update in (the release does not)
-        cfg.TRAINER[node].PREC = "fp16"
-
-    cfg.TRAINER.EDGECNN = CN()
-    cfg.TRAINER.EDGECNN.IMAGE_SIZE = 48  # faces are resized to this, then cropped to INPUT.SIZE
-    cfg.TRAINER.EDGECNN.TEN_CROP = True  # test on the ten crops, logits averaged
-    cfg.TRAINER.EDGECNN.GRAD_CLAMP = 0.1  # element-wise gradient clamp (0 = off)
-    cfg.TRAINER.EDGECNN.DECAY_START = 80  # lr constant up to this epoch,
-    cfg.TRAINER.EDGECNN.DECAY_EVERY = 5  # then multiplied by DECAY_RATE every DECAY_EVERY epochs
-    cfg.TRAINER.EDGECNN.DECAY_RATE = 0.9
-
-    cfg.TRAINER.ZSCLIP = CN()
-    cfg.TRAINER.ZSCLIP.PREC = "fp16"
-    cfg.TRAINER.ZSCLIP.TEMPLATES = "dataset"  # dataset: one hand-written prompt | ensemble
+    # TRAINER.<NODE>.*: one node per registered method (and per release name of it), generated from
+    # its settings dataclass, which holds the defaults and their help (python train.py --trainer X
+    # --help-config lists them); prompt methods over CLIP also have PREC.
+    for spec in methods():
+        for name, node, overrides in spec.trainer_names():
+            cfg.TRAINER[node] = CN(defaults(spec.settings, overrides))
+            if issubclass(TRAINER_REGISTRY.get(name), ClipPromptTrainer):
+                cfg.TRAINER[node].PREC = "fp16"  # fp32 | fp16 | bf16 | amp
     return cfg

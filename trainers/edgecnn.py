@@ -14,19 +14,17 @@ from dassl.modeling import BACKBONE_REGISTRY, Backbone
 from dassl.optim import build_optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from vlprompt.methods.edgecnn import EdgeCNN as EdgeCNNNet, ten_crop_logits
+from vlprompt.methods import settings as method_settings
+from vlprompt.methods.edgecnn import EdgeCNN as EdgeCNNNet, EdgeCNNSettings, ten_crop_logits
 
 from .checkpointed_trainer import CheckpointedTrainer
 from .schedule import EpochTable
 
 
-MAX_IMAGE_SIZE = 512  # EdgeCNN is built for small faces; larger inputs are a typo, not a setting
-
-
 class EdgeCNNBackbone(Backbone):
-    def __init__(self):
+    def __init__(self, init: str = "he"):
         super().__init__()
-        self.net = EdgeCNNNet(num_classes=0)
+        self.net = EdgeCNNNet(num_classes=0, init=init)
         self._out_features = self.net.out_features
 
     def forward(self, x):
@@ -34,10 +32,10 @@ class EdgeCNNBackbone(Backbone):
 
 
 @BACKBONE_REGISTRY.register()
-def edgecnn(pretrained=False, **kwargs):
+def edgecnn(pretrained=False, init="he", **kwargs):
     if pretrained:
         print("edgecnn: no pretrained weights exist; training from scratch (set MODEL.BACKBONE.PRETRAINED False)")
-    return EdgeCNNBackbone()
+    return EdgeCNNBackbone(init)
 
 
 class StackCrops:
@@ -68,22 +66,22 @@ def step_decay_factors(max_epoch: int, start: int, every: int, rate: float):
     return [rate ** ((epoch - start) // every) if epoch > start else 1.0 for epoch in range(max_epoch)]
 
 
+def edgecnn_settings(cfg) -> EdgeCNNSettings:
+    try:
+        settings = method_settings.from_values(EdgeCNNSettings, dict(cfg.TRAINER.EDGECNN))
+    except method_settings.ConfigError as err:
+        raise ValueError(err.key_message(lambda name: f"TRAINER.EDGECNN.{name.upper()}")) from err
+    if settings.image_size < max(cfg.INPUT.SIZE):
+        raise ValueError(f"TRAINER.EDGECNN.IMAGE_SIZE={settings.image_size!r} is invalid: must be at least the "
+                         f"crop INPUT.SIZE {max(cfg.INPUT.SIZE)}")
+    return settings
+
+
 @TRAINER_REGISTRY.register()
 class EdgeCNN(CheckpointedTrainer):
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
-        node = cfg.TRAINER.EDGECNN
-        checks = [
-            ("IMAGE_SIZE", max(cfg.INPUT.SIZE) <= node.IMAGE_SIZE <= MAX_IMAGE_SIZE,
-             f"in [the crop INPUT.SIZE {max(cfg.INPUT.SIZE)}, {MAX_IMAGE_SIZE}]"),
-            ("GRAD_CLAMP", node.GRAD_CLAMP >= 0, ">= 0 (0 disables the clamp)"),
-            ("DECAY_START", node.DECAY_START >= 0, ">= 0"),
-            ("DECAY_EVERY", node.DECAY_EVERY >= 1, ">= 1"),
-            ("DECAY_RATE", 0 < node.DECAY_RATE <= 1, "in (0, 1]"),
-        ]
-        for key, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"TRAINER.EDGECNN.{key}={node[key]!r} is invalid: must be {allowed}")
+        edgecnn_settings(cfg)
 
     def build_data_loader(self):
         super().build_data_loader(custom_tfm_train=train_transform(self.cfg),
@@ -91,13 +89,15 @@ class EdgeCNN(CheckpointedTrainer):
 
     def build_model(self):
         cfg = self.cfg
-        self.model = SimpleNet(cfg, cfg.MODEL, self.num_classes)
-        torch.nn.init.zeros_(self.model.classifier.bias)  # as the backbone's own linear layers
+        settings = edgecnn_settings(cfg)
+        self.model = SimpleNet(cfg, cfg.MODEL, self.num_classes, init=settings.init)
+        if settings.init == "he":
+            torch.nn.init.zeros_(self.model.classifier.bias)  # as the backbone's own linear layers
         self.model.to(self.device)
-        print(f"EdgeCNN parameters: {sum(p.numel() for p in self.model.parameters()):,}")
+        print(f"EdgeCNN parameters: {sum(p.numel() for p in self.model.parameters()):,}, {settings}")
         self.optim = build_optimizer(self.model, cfg.OPTIM)
-        node = cfg.TRAINER.EDGECNN
-        factors = step_decay_factors(cfg.OPTIM.MAX_EPOCH, node.DECAY_START, node.DECAY_EVERY, node.DECAY_RATE)
+        factors = step_decay_factors(cfg.OPTIM.MAX_EPOCH, settings.decay_start, settings.decay_every,
+                                     settings.decay_rate)
         self.sched = LambdaLR(self.optim, lr_lambda=[EpochTable(factors) for _ in self.optim.param_groups])
         self.register_model("model", self.model, self.optim, self.sched)
 

@@ -97,3 +97,26 @@ def file_lock(path: str) -> Iterator[None]:
             yield
         finally:
             fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read; the message names it and the way out."""
+
+
+def read_checkpoint(path: str, trust_pickle: bool = False, trust_key: str = "trust_pickle") -> dict:
+    """A checkpoint dict, read on the CPU with torch.load(weights_only=True); checkpoints that
+    pickle Python objects (the releases' Dassl pickles its LR scheduler) only with `trust_pickle`,
+    since full unpickling can run code stored in the file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). Checkpoints of the official releases pickle "
+                f"Python objects (the LR scheduler), and full unpickling can execute code from the file: if you "
+                f"trust it, set {trust_key} True.") from err
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint

@@ -147,6 +147,7 @@ class PromptedImageEncoder(nn.Module):
         self.blocks = visual.transformer.resblocks
         self.ln_post = visual.ln_post
         self.proj = visual.proj
+        self.input_resolution = visual.input_resolution
 
     @property
     def depth(self) -> int:

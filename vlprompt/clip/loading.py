@@ -5,6 +5,7 @@ Every function returns an unmodified `clip.model.CLIP`; prompt methods wrap it f
 import os
 import warnings
 import zipfile
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,6 +18,41 @@ DEFAULT_DOWNLOAD_ROOT = os.path.expanduser("~/.cache/clip")
 
 class BackboneUnavailable(RuntimeError):
     """CLIP weights could not be found, downloaded or read."""
+
+
+@dataclass(frozen=True)
+class BackboneShape:
+    """What a method's settings may depend on: the layer counts and widths of a CLIP backbone,
+    known before its weights are loaded for the named architectures."""
+    text_layers: int
+    vision_layers: int
+    text_width: int
+    vision_width: int
+    image_resolution: int
+
+    @property
+    def layers(self) -> int:
+        """Layers both towers have (ViT-L/14: 12 text, 24 vision)."""
+        return min(self.text_layers, self.vision_layers)
+
+
+def backbone_shape(clip_model: nn.Module) -> BackboneShape:
+    visual = clip_model.visual
+    return BackboneShape(text_layers=len(clip_model.transformer.resblocks),
+                         vision_layers=len(visual.transformer.resblocks) if hasattr(visual, "transformer") else 0,
+                         text_width=clip_model.ln_final.weight.shape[0],
+                         vision_width=visual.ln_post.weight.shape[0] if hasattr(visual, "ln_post") else 0,
+                         image_resolution=visual.input_resolution)
+
+
+def architecture_shape(name: str) -> Optional[BackboneShape]:
+    """The shape of a named architecture (OpenAI's ViTs and our tiny ones), None if unknown."""
+    arch = ARCHITECTURES.get(name)
+    if arch is None:
+        return None
+    return BackboneShape(text_layers=arch["transformer_layers"], vision_layers=arch["vision_layers"],
+                         text_width=arch["transformer_width"], vision_width=arch["vision_width"],
+                         image_resolution=arch["image_resolution"])
 
 
 def resolve_checkpoint(name: str, path: str = "", download_root: Optional[str] = None) -> str:

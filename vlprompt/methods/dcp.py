@@ -1,5 +1,5 @@
 """DCP: Deeply Coupled Cross-modal Prompt learning (Liu et al., Findings of ACL 2023; release
-"CMPA") on frozen CLIP. See shared/docs/dcp.md.
+"CMPA") on frozen CLIP. docs/dcp.md has the equations and where we depart from the release.
 
 First-layer text and visual contexts. The encoders run in lockstep; before each layer
 i = 1..PROMPT_DEPTH a Cross-Modal Prompt Attention (CMPA) module updates the visual prompt states
@@ -18,46 +18,39 @@ SOS and the prompts), so they never need fusing. The visual side:
 TEXT_UPDATE False reproduces the release, which computes the text update but never splices it in.
 """
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from clip.model import QuickGELU
 from torch import Tensor, nn
 
-from ..clip.encoders import PromptedImageEncoder, PromptedTextEncoder, run_lockstep
-from .common import (ConfigError, check_field_types, check_n_ctx, class_token_ids, initial_context,
-                           normalize)
+from ..clip.encoders import run_lockstep
+from ..clip.loading import backbone_shape
+from .base import PromptedCLIPClassifier
+from .common import MAX_CONTEXT_TOKENS
+from .registry import register_method
+from .settings import BackboneShape, ConfigError, checked, option
 
 FUSINGS = ("none", "mean", "first", "max")
 
 
 @dataclass(frozen=True)
-class DCPConfig:
-    """Hyper-parameters; field NAME is config key <node>.NAME (TRAINER.DCP, or TRAINER.CMPA)."""
-    n_ctx: int = 16
-    ctx_init: str = "a photo of a"
-    prompt_depth: int = 9
-    ps: bool = True
-    fusing: str = "none"
-    text_update: bool = True
-    node: str = "TRAINER.DCP"
+class DCPSettings:
+    n_ctx: int = option(16, "prompt tokens per modality", low=1, high=MAX_CONTEXT_TOKENS)
+    ctx_init: str = option("a photo of a", "first-layer text context, used when it has at least N_CTX tokens")
+    prompt_depth: int = option(9, "CMPA updates enter layers 1..PROMPT_DEPTH", low=1)
+    ps: bool = option(True, "one CMPA module shared by all layers (False: one per layer)")
+    fusing: str = option("none", "none: per image, batch-independent; mean/first/max: the release's fusion of "
+                                 "the batch's visual states", choices=FUSINGS)
+    text_update: bool = option(True, "splice the text update in (the release computes it but does not)")
 
-    def key(self, field_name: str) -> str:
-        return f"{self.node}.{field_name.upper()}"
-
-    def validate(self, text_depth: int, vision_depth: int) -> None:
-        check_field_types(self, self.key)
-        check_n_ctx(self.n_ctx, self.key("n_ctx"))
-        most = min(text_depth, vision_depth) - 1
-        if not 1 <= self.prompt_depth <= most:
-            raise ConfigError(f"{self.key('prompt_depth')}={self.prompt_depth!r} is invalid: must be in "
-                              f"[1, {most}] (updates enter layers 1..PROMPT_DEPTH of a backbone with "
-                              f"{text_depth} text and {vision_depth} vision layers)")
-        if self.fusing not in FUSINGS:
-            raise ConfigError(f"{self.key('fusing')}={self.fusing!r} is invalid: must be one of {FUSINGS}")
+    def validate(self, shape: BackboneShape) -> None:
+        most = shape.layers - 1
+        if self.prompt_depth > most:
+            raise ConfigError("prompt_depth", self.prompt_depth,
+                              f"must be in [1, {most}] (updates enter layers 1..PROMPT_DEPTH of a backbone with "
+                              f"{shape.text_layers} text and {shape.vision_layers} vision layers)")
 
 
 def _mlp(width: int) -> nn.Sequential:
@@ -108,7 +101,7 @@ def fuse(states: Tensor, how: str) -> Tensor:
 class DCPPromptLearner(nn.Module):
     """Everything DCP trains: the first-layer contexts and the CMPA module(s)."""
 
-    def __init__(self, cfg: DCPConfig, text_width: int, vision_width: int, first_context: Optional[Tensor]):
+    def __init__(self, cfg: DCPSettings, text_width: int, vision_width: int, first_context: Optional[Tensor]):
         super().__init__()
         n = cfg.n_ctx
         self.text_context = nn.Parameter(
@@ -124,124 +117,89 @@ class DCPPromptLearner(nn.Module):
         return self.cmpa[0 if self.shared else layer - 1]
 
 
-class DCP(nn.Module):
+class DCP(PromptedCLIPClassifier):
     """Frozen CLIP + DCP prompts; logits for a set of classes."""
 
-    uses_frozen_image_features = False
+    def __init__(self, clip_model: nn.Module, settings: DCPSettings, classnames: Sequence[str],
+                 frozen_text_features: Optional[Tensor] = None):
+        checked(settings, backbone_shape(clip_model))
+        super().__init__(clip_model, settings.n_ctx, settings.ctx_init, classnames)
+        self.settings = settings
+        self.prompt_learner = DCPPromptLearner(settings, self.text_encoder.width, self.image_encoder.width,
+                                               self.first_context)
 
-    def __init__(self, clip_model: nn.Module, cfg: DCPConfig, classnames: Sequence[str]):
-        super().__init__()
-        self.text_encoder = PromptedTextEncoder(clip_model)
-        self.image_encoder = PromptedImageEncoder(clip_model)
-        cfg.validate(self.text_encoder.depth, self.image_encoder.depth)
-        self.cfg = cfg
-        self.logit_scale = clip_model.logit_scale
-        first_context, self.prompt_prefix = initial_context(clip_model.token_embedding, cfg.n_ctx, cfg.ctx_init,
-                                                            cfg.key("ctx_init"))
-        self.prompt_learner = DCPPromptLearner(cfg, self.text_encoder.width, self.image_encoder.width, first_context)
-        self._eval_cache: Optional[Tuple[Tensor, List[Tensor]]] = None
-        self.set_classes(classnames)
+    @property
+    def classes_cacheable(self) -> bool:
+        # the release's fusing modes update the text from each batch's images
+        return self.settings.fusing == "none"
 
-    def set_classes(self, classnames: Sequence[str]) -> None:
-        self.classnames = list(classnames)
-        token_ids = class_token_ids(self.prompt_prefix, classnames, self.cfg.key("n_ctx"), self.cfg.n_ctx)
-        self.register_buffer("token_ids", token_ids.to(self.logit_scale.device), persistent=False)
-
-    # ---- the coupled encoders ---------------------------------------------------------------
-    def _updates(self, i: int, text: Tensor, visual: Tensor, free: Optional[Tensor]):
-        """New (text, visual, image-free) prompt states entering layer i, or None where unchanged."""
-        if i > self.cfg.prompt_depth:
-            return None, None, None
-        cmpa = self.prompt_learner.module_for(i)
-        if self.cfg.fusing == "none":
-            new_visual = cmpa.visual(visual, text)  # per image, text as query
-            new_free = cmpa.visual(free, text)
-            new_text = cmpa.text(text, free) if self.cfg.text_update else None
-        else:
-            fused = fuse(visual, self.cfg.fusing)
-            new_visual = cmpa.visual(fused, text).expand(visual.shape[0], -1, -1)
-            new_free = None
-            new_text = cmpa.text(text, fused) if self.cfg.text_update else None
-        return new_text, new_visual, new_free
-
-    def encode(self, images: Tensor) -> Tuple[Tensor, Tensor]:
-        """(text features [C, E], image features [B, E]), both encoders coupled layer by layer."""
-        learner = self.prompt_learner
-        encoders = [self.text_encoder, self.image_encoder]
-        states = [self.text_encoder.embed(self.token_ids, learner.text_context),
-                  self.image_encoder.embed(images, learner.visual_context)]
-        if self.cfg.fusing == "none":
-            encoders.append(self.image_encoder)
-            states.append(self.image_encoder.embed_prompts_only(learner.visual_context))
-
-        def between(i, prompt_states):
-            text, visual = prompt_states[0], prompt_states[1]
-            free = prompt_states[2] if len(prompt_states) > 2 else None
-            new_text, new_visual, new_free = self._updates(i, text, visual, free)
-            return [new_text, new_visual, new_free][:len(prompt_states)]
-
-        final = run_lockstep(encoders, states, between)
-        return self.text_encoder.features(final[0]), self.image_encoder.features(final[1])
-
-    def _class_side(self) -> Tuple[Tensor, List[Tensor]]:
-        """FUSING none: text features and the per-layer text prompt states the images query, from
-        the text and image-free streams alone (no images)."""
+    # ---- FUSING none: the class side from the text and image-free streams, images apart -------
+    def encode_classes(self) -> Optional[Tuple[Tensor, List[Tensor]]]:
+        """Text features [C, E] and the text prompt states entering layers 1..depth-1, which the
+        images query, from the text and image-free streams alone (no images). None when fusing
+        couples the classes to the batch."""
+        if self.settings.fusing != "none":
+            return None
         learner = self.prompt_learner
         text_states: List[Tensor] = []
 
-        def between(i, prompt_states):
-            text, free = prompt_states
+        def update(layer, prompt_states):
+            text, image_free = prompt_states
             text_states.append(text)
-            if i > self.cfg.prompt_depth:
+            if layer > self.settings.prompt_depth:
                 return [None, None]
-            cmpa = learner.module_for(i)
-            return [cmpa.text(text, free) if self.cfg.text_update else None, cmpa.visual(free, text)]
+            cmpa = learner.module_for(layer)
+            return [cmpa.text(text, image_free) if self.settings.text_update else None, cmpa.visual(image_free, text)]
 
         final = run_lockstep([self.text_encoder, self.image_encoder],
                              [self.text_encoder.embed(self.token_ids, learner.text_context),
-                              self.image_encoder.embed_prompts_only(learner.visual_context)], between)
+                              self.image_encoder.embed_prompts_only(learner.visual_context)], update)
         return self.text_encoder.features(final[0]), text_states
 
-    def _image_side(self, images: Tensor, text_states: List[Tensor]) -> Tensor:
+    def image_side(self, images: Tensor, text_states: List[Tensor]) -> Tensor:
+        """Image features [B, E]: each image's visual states updated with the text states as query."""
         learner = self.prompt_learner
         state = self.image_encoder.embed(images, learner.visual_context)
-        for i in range(self.image_encoder.depth):
+        for layer in range(self.image_encoder.depth):
             prompt = None
-            if 0 < i <= self.cfg.prompt_depth:
-                prompt = learner.module_for(i).visual(self.image_encoder.prompt_states(state), text_states[i - 1])
-            state = self.image_encoder.run_layer(i, state, prompt)
+            if 0 < layer <= self.settings.prompt_depth:
+                prompt = learner.module_for(layer).visual(self.image_encoder.prompt_states(state),
+                                                          text_states[layer - 1])
+            state = self.image_encoder.run_layer(layer, state, prompt)
         return self.image_encoder.features(state)
 
-    # ---- logits and loss ---------------------------------------------------------------------
-    def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        with torch.autocast(image_features.device.type, enabled=False):
-            image, text = normalize(image_features.float()), normalize(text_features.float())
-            return self.logit_scale.exp().float() * image @ text.t()
+    # ---- the release's fusing modes: text and images coupled through the batch ----------------
+    def encode_fused(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        """(text features [C, E], image features [B, E]): the batch's visual prompt states are fused
+        into one, updated once for every image, and the text is updated from that fused state."""
+        learner, how = self.prompt_learner, self.settings.fusing
 
-    def forward(self, images: Tensor, zero_shot: Optional[Tensor] = None) -> Tensor:
-        if self._eval_cache is not None:
-            text, text_states = self._eval_cache
-            return self.logits(self._image_side(images, text_states), text)
-        text, image = self.encode(images)
-        return self.logits(image, text)
+        def update(layer, prompt_states):
+            text, visual = prompt_states
+            if layer > self.settings.prompt_depth:
+                return [None, None]
+            cmpa = learner.module_for(layer)
+            fused = fuse(visual, how)
+            new_visual = cmpa.visual(fused, text).expand(visual.shape[0], -1, -1)
+            return [cmpa.text(text, fused) if self.settings.text_update else None, new_visual]
 
-    def loss(self, images: Tensor, labels: Tensor):
-        text, image = self.encode(images)
-        logits = self.logits(image, text)
-        with torch.autocast(images.device.type, enabled=False):
-            loss = F.cross_entropy(logits, labels)
-        return loss, logits, {}
+        final = run_lockstep([self.text_encoder, self.image_encoder],
+                             [self.text_encoder.embed(self.token_ids, learner.text_context),
+                              self.image_encoder.embed(images, learner.visual_context)], update)
+        return self.text_encoder.features(final[0]), self.image_encoder.features(final[1])
 
-    @contextmanager
-    def evaluation(self):
-        """FUSING none: the classes are encoded once per evaluation. The fusing modes depend on
-        each batch, so nothing can be cached there (as in the release)."""
-        if self.cfg.fusing != "none":
-            yield
-            return
-        with torch.no_grad():
-            self._eval_cache = self._class_side()
-        try:
-            yield
-        finally:
-            self._eval_cache = None
+    def classify(self, images: Tensor, classes, frozen_image_features: Optional[Tensor] = None) -> Tensor:
+        if classes is None:
+            text, image = self.encode_fused(images)
+            return self.logits(image, text)
+        text, text_states = classes
+        return self.logits(self.image_side(images, text_states), text)
+
+
+register_method(
+    "DCP", settings=DCPSettings, model=DCP, checkpoint_folder="MultiModalPromptLearner",  # the release's folder
+    default_configs=dict.fromkeys(("base2new", "xd", "fewshot"), "vit_b16_c2_ep20_batch4_16ctx"),
+    # the release's trainer name, with its behaviour as defaults: visual states fused by their
+    # batch mean, the text update computed but not spliced in
+    release_names={"CMPA": {"fusing": "mean", "text_update": False}},
+    doc="docs/dcp.md")

@@ -1,16 +1,37 @@
 """EdgeCNN (Yang et al., arXiv 1909.13522): a small-input CNN for facial expression recognition
 on devices with slow memory access. Plain 3x3 convolutions in dense layers (no group
-convolutions, no 1x1 bottlenecks), 44x44 inputs. See shared/docs/edgecnn.md.
+convolutions, no 1x1 bottlenecks), 44x44 inputs. docs/edgecnn.md has the architecture, the
+recipe and where we depart from the release.
 
 The toolkit's sibling system: CLIP prompt learning and EdgeCNN run on the same emotion datasets.
 """
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .registry import register_method
+from .settings import option
+
 EMOTIONS_FER = ("angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral")
+INITS = ("he", "pytorch")
+MAX_IMAGE_SIZE = 512  # EdgeCNN is built for small faces; larger inputs are a typo, not a setting
+
+
+@dataclass(frozen=True)
+class EdgeCNNSettings:
+    """The release's recipe: SGD (OPTIM.*) with this schedule, clamp and augmentation."""
+    image_size: int = option(48, "faces are resized to this, then cropped to INPUT.SIZE", low=1, high=MAX_IMAGE_SIZE)
+    ten_crop: bool = option(True, "test on the ten crops (corners, centre, flips), logits averaged")
+    grad_clamp: float = option(0.1, "element-wise gradient clamp (0 = off)", low=0)
+    decay_start: int = option(80, "lr constant up to this epoch,", low=0)
+    decay_every: int = option(5, "then multiplied by DECAY_RATE every DECAY_EVERY epochs", low=1)
+    decay_rate: float = option(0.9, "lr factor of each decay step", low=1e-12, high=1.0)
+    init: str = option("he", "he: the initialisation the release's code intends (He-normal convolutions); "
+                             "pytorch: PyTorch's defaults, which its published models were trained from "
+                             "(its init loop never matched a module)", choices=INITS)
 
 
 class DenseLayer(nn.Module):
@@ -37,7 +58,7 @@ class EdgeCNN(nn.Module):
     """
 
     def __init__(self, num_classes: int = 7, stem_channels: int = 32, growth: int = 8,
-                 stages: Sequence[int] = (4, 4, 7)):
+                 stages: Sequence[int] = (4, 4, 7), init: str = "he"):
         super().__init__()
         layers = [nn.Conv2d(3, stem_channels, kernel_size=3, stride=1, padding=1),
                   nn.MaxPool2d(kernel_size=3, stride=2, padding=1)]
@@ -52,12 +73,15 @@ class EdgeCNN(nn.Module):
         self.pool = nn.Sequential(nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.out_features = channels
         self.classifier = nn.Linear(channels, num_classes) if num_classes else None
-        self.reset_parameters()
+        if init not in INITS:
+            raise ValueError(f"init={init!r}: use one of {INITS}")
+        if init == "he":
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The release's intended initialisation (its loop over named_parameters never matched a
-        module, so PyTorch's defaults were used): He-normal convolutions (fan-out), unit BN,
-        zero linear bias."""
+        """The release's intended initialisation: He-normal convolutions (fan-out), unit BN, zero
+        linear bias. Its loop over named_parameters never matched a module, so its published models
+        started from PyTorch's defaults instead (init="pytorch")."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
@@ -80,3 +104,7 @@ def ten_crop_logits(model: nn.Module, crops: Tensor) -> Tensor:
     batch, n_crops = crops.shape[:2]
     logits = model(crops.flatten(0, 1))
     return logits.view(batch, n_crops, -1).mean(dim=1)
+
+
+register_method("EdgeCNN", settings=EdgeCNNSettings, model=EdgeCNN, checkpoint_folder="model",
+                default_configs={"train": "{dataset}"}, doc="docs/edgecnn.md")

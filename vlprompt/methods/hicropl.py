@@ -3,60 +3,56 @@
 Prompts at layers 0..L-1 of both encoders. Layers < k: text -> image (text prompts, compressed
 per layer by a knowledge proxy, refine the visual prompts of all early layers at once through
 one mapper). Layers >= k: image -> text, mirrored. Final features are fused with frozen CLIP
-features and distilled toward them. See shared/docs/hicropl.md for the equations.
+features and distilled toward them. docs/hicropl.md has the equations, shapes and where we
+depart from the release.
 """
-import math
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from clip.model import QuickGELU
 from torch import Tensor, nn
 
-from ..clip.encoders import PromptedImageEncoder, PromptedTextEncoder
-from .common import (ConfigError, check_field_types, check_n_ctx, class_token_ids,  # noqa: F401
-                           initial_context, normalize)
+from ..clip.loading import backbone_shape
+from ..clip.templates import GENERIC_TEMPLATES
+from .base import LossOutput, PromptedCLIPClassifier
+from .common import MAX_CONTEXT_TOKENS, normalize
+from .registry import ClassTexts, ReleaseCheckpoint, register_method
+from .settings import BackboneShape, ConfigError, checked, option
 
 MAPPER_MODES = ("learned", "release")
 MAX_LAMBD = 1e4  # beyond this the distillation term alone overflows fp16 losses
 
 
 @dataclass(frozen=True)
-class HiCroPLConfig:
-    """The method's hyper-parameters; field NAME is config key TRAINER.HICROPL.NAME."""
-    n_ctx: int = 16
-    ctx_init: str = ""
-    prompt_depth: int = 12
-    cross_layer: int = 6
-    lambd: float = 12.0
-    mapper_mode: str = "learned"
-    n_heads: int = 8
+class HiCroPLSettings:
+    n_ctx: int = option(16, "prompt tokens per layer and modality", low=1, high=MAX_CONTEXT_TOKENS)
+    ctx_init: str = option("a photo of a", "first-layer text context, used when it has at least N_CTX "
+                                           "tokens (else random, as in the release)")
+    prompt_depth: int = option(12, "layers carrying prompts, 2..number of layers", low=2)
+    cross_layer: int = option(6, "layers below it: text -> image; from it on: image -> text; "
+                                 "1..PROMPT_DEPTH-1", low=1)
+    lambd: float = option(12.0, "weight of the distillation toward frozen CLIP (the paper: 12)", low=0, high=MAX_LAMBD)
+    mapper_mode: str = option("learned", "learned: the paper (mappers and proxies learn); release: the "
+                                         "release's in-place copy, without gradient", choices=MAPPER_MODES)
+    n_heads: int = option(8, "heads of the knowledge proxies and mappers", low=1)
+    exact_shortcuts: bool = option(True, "cut text at the last EOT and share the prompt prefix (exact; "
+                                         "False computes as the release does)")
 
-    @staticmethod
-    def key(field_name: str) -> str:
-        return f"TRAINER.HICROPL.{field_name.upper()}"
-
-    def validate(self, text_depth: int, vision_depth: int, text_width: int, vision_width: int) -> None:
-        def fail(name, allowed):
-            raise ConfigError(f"{self.key(name)}={getattr(self, name)!r} is invalid: {allowed}")
-
-        check_field_types(self, self.key)
-        check_n_ctx(self.n_ctx, self.key("n_ctx"))
-        layers = min(text_depth, vision_depth)
-        if not 2 <= self.prompt_depth <= layers:
-            fail("prompt_depth", f"must be in [2, {layers}]: both flows need a layer, and this backbone "
-                                 f"has {text_depth} text and {vision_depth} vision layers")
-        if not 1 <= self.cross_layer <= self.prompt_depth - 1:
-            fail("cross_layer", f"must be in [1, PROMPT_DEPTH-1] = [1, {self.prompt_depth - 1}]")
-        if not (math.isfinite(self.lambd) and 0 <= self.lambd <= MAX_LAMBD):
-            fail("lambd", f"must be in [0, {MAX_LAMBD:g}] (the paper uses 12)")
-        if self.mapper_mode not in MAPPER_MODES:
-            fail("mapper_mode", f"must be one of {MAPPER_MODES}")
-        if self.n_heads < 1 or text_width % self.n_heads or vision_width % self.n_heads:
-            fail("n_heads", f"must divide both prompt widths ({text_width} text, {vision_width} vision)")
+    def validate(self, shape: BackboneShape) -> None:
+        """Limits that depend on the backbone."""
+        if self.prompt_depth > shape.layers:
+            raise ConfigError("prompt_depth", self.prompt_depth,
+                              f"must be in [2, {shape.layers}]: both flows need a layer, and this backbone has "
+                              f"{shape.text_layers} text and {shape.vision_layers} vision layers")
+        if self.cross_layer > self.prompt_depth - 1:
+            raise ConfigError("cross_layer", self.cross_layer,
+                              f"must be in [1, PROMPT_DEPTH-1] = [1, {self.prompt_depth - 1}]")
+        if shape.text_width % self.n_heads or shape.vision_width % self.n_heads:
+            raise ConfigError("n_heads", self.n_heads, f"must divide both prompt widths ({shape.text_width} "
+                                                       f"text, {shape.vision_width} vision)")
 
 
 class KnowledgeProxy(nn.Module):
@@ -113,7 +109,7 @@ def _normal(*shape: int) -> Tensor:
 class HiCroPLPromptLearner(nn.Module):
     """Everything HiCroPL trains: per-layer prompts T_i, V_i, the proxies and the two mappers."""
 
-    def __init__(self, cfg: HiCroPLConfig, text_width: int, vision_width: int,
+    def __init__(self, cfg: HiCroPLSettings, text_width: int, vision_width: int,
                  first_context: Optional[Tensor] = None):
         super().__init__()
         n, depth, k = cfg.n_ctx, cfg.prompt_depth, cfg.cross_layer
@@ -170,109 +166,62 @@ class HiCroPLPromptLearner(nn.Module):
         return list(self.text_prompts), list(self.visual_prompts)
 
 
-class HiCroPL(nn.Module):
-    """Frozen CLIP + HiCroPL prompts; logits for a set of classes.
+class HiCroPL(PromptedCLIPClassifier):
+    """Frozen CLIP + HiCroPL prompts; logits for a set of classes. `frozen_text_features` are
+    t_fix, frozen CLIP's class text features (from descriptions or templates)."""
 
-    The class set (token ids and frozen class text features t_fix) is state outside the learned
-    parameters: `set_classes` retargets a trained model to new classes.
-    """
+    uses_frozen_image_features = True  # i_zs of evaluation images can be cached
 
-    uses_frozen_image_features = True  # its frozen image features can be cached for evaluation
+    def __init__(self, clip_model: nn.Module, settings: HiCroPLSettings, classnames: Sequence[str],
+                 frozen_text_features: Tensor):
+        checked(settings, backbone_shape(clip_model))
+        super().__init__(clip_model, settings.n_ctx, settings.ctx_init, classnames, frozen_text_features,
+                         exact_shortcuts=settings.exact_shortcuts)
+        self.settings = settings
+        self.prompt_learner = HiCroPLPromptLearner(settings, self.text_encoder.width, self.image_encoder.width,
+                                                   self.first_context)
 
-    def __init__(self, clip_model: nn.Module, cfg: HiCroPLConfig, classnames: Sequence[str],
-                 fixed_text_features: Tensor, exact_shortcuts: bool = True):
-        super().__init__()
-        self.text_encoder = PromptedTextEncoder(clip_model, shared_prefix=exact_shortcuts,
-                                                cut_at_eot=exact_shortcuts)
-        self.image_encoder = PromptedImageEncoder(clip_model)
-        cfg.validate(self.text_encoder.depth, self.image_encoder.depth,
-                     self.text_encoder.width, self.image_encoder.width)
-        self.cfg = cfg
-        self.logit_scale = clip_model.logit_scale
-        first_context, self.prompt_prefix = initial_context(clip_model.token_embedding, cfg.n_ctx, cfg.ctx_init,
-                                                            cfg.key("ctx_init"))
-        self.prompt_learner = HiCroPLPromptLearner(
-            cfg, self.text_encoder.width, self.image_encoder.width, first_context)
-        self._eval_cache: Optional[Tuple[Tensor, List[Tensor]]] = None
-        self.set_classes(classnames, fixed_text_features)
-
-    # ---- classes -------------------------------------------------------------------------
-    def set_classes(self, classnames: Sequence[str], fixed_text_features: Tensor) -> None:
-        if fixed_text_features.shape[0] != len(classnames):
-            raise ValueError(f"{fixed_text_features.shape[0]} class features for {len(classnames)} classes")
-        token_ids = class_token_ids(self.prompt_prefix, classnames, self.cfg.key("n_ctx"), self.cfg.n_ctx)
-        device = self.logit_scale.device
-        self.classnames = list(classnames)
-        # not persistent: checkpoints hold learned state only, classes are rebuilt on load
-        self.register_buffer("token_ids", token_ids.to(device), persistent=False)
-        self.register_buffer("fixed_text_features", normalize(fixed_text_features.float()).to(device),
-                             persistent=False)
+    @property
+    def classes_cacheable(self) -> bool:
+        # the release rewrites the prompts at every forward, evaluation batches included
+        return self.settings.mapper_mode != "release"
 
     # ---- features ------------------------------------------------------------------------
     def text_features(self, text_prompts: Sequence[Tensor]) -> Tensor:
         """t = norm(norm(prompted text) + t_fix); [C, E] fp32."""
         prompted = self.text_encoder(self.token_ids, text_prompts).float()
-        return normalize(normalize(prompted) + self.fixed_text_features)
-
-    def zero_shot_image_features(self, images: Tensor) -> Tensor:
-        """i_zs: the same frozen encoder without prompts (no second copy of CLIP)."""
-        with torch.no_grad():
-            return normalize(self.image_encoder(images).float())
+        return normalize(normalize(prompted) + self.frozen_text_features)
 
     def image_features(self, images: Tensor, visual_prompts: Sequence[Tensor],
                        zero_shot: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """(i = norm(norm(prompted image) + i_zs), i_zs); [B, E] fp32."""
         if zero_shot is None:
-            zero_shot = self.zero_shot_image_features(images)
+            zero_shot = self.frozen_image_features(images)
         prompted = self.image_encoder(images, visual_prompts).float()
         return normalize(normalize(prompted) + zero_shot), zero_shot
 
-    def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        with torch.autocast(image_features.device.type, enabled=False):
-            return self.logit_scale.exp().float() * image_features.float() @ text_features.float().t()
+    # ---- classes, images, loss -----------------------------------------------------------
+    def encode_classes(self) -> Tuple[Tensor, List[Tensor]]:
+        """(t [C, E], the visual prompts of this forward)."""
+        text_prompts, visual_prompts = self.prompt_learner()
+        return self.text_features(text_prompts), visual_prompts
 
-    # ---- forward ---------------------------------------------------------------------------
-    def forward(self, images: Tensor, zero_shot: Optional[Tensor] = None) -> Tensor:
-        """Logits [B, C]."""
-        if self._eval_cache is not None:
-            text, visual_prompts = self._eval_cache
-        else:
-            text_prompts, visual_prompts = self.prompt_learner()
-            text = self.text_features(text_prompts)
-        image, _ = self.image_features(images, visual_prompts, zero_shot)
+    def classify(self, images: Tensor, classes, frozen_image_features: Optional[Tensor] = None) -> Tensor:
+        text, visual_prompts = classes
+        image, _ = self.image_features(images, visual_prompts, frozen_image_features)
         return self.logits(image, text)
 
-    def loss(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor, Dict[str, float]]:
+    def loss(self, images: Tensor, labels: Tensor) -> LossOutput:
         """CE(logits, y) + LAMBD * [(1 - mean cos(t, t_fix)) + (1 - mean cos(i, i_zs))]."""
-        text_prompts, visual_prompts = self.prompt_learner()
-        text = self.text_features(text_prompts)
+        text, visual_prompts = self.encode_classes()
         image, zero_shot = self.image_features(images, visual_prompts)
         logits = self.logits(image, text)
         with torch.autocast(images.device.type, enabled=False):
             ce = F.cross_entropy(logits, labels)
-            distill_text = 1.0 - F.cosine_similarity(text, self.fixed_text_features, dim=1, eps=1e-7).mean()
+            distill_text = 1.0 - F.cosine_similarity(text, self.frozen_text_features, dim=1, eps=1e-7).mean()
             distill_image = 1.0 - F.cosine_similarity(image, zero_shot, dim=1, eps=1e-7).mean()
-            loss = ce + self.cfg.lambd * (distill_text + distill_image)
-        parts = {"loss_ce": ce.item(), "loss_distill": (distill_text + distill_image).item()}
-        return loss, logits, parts
-
-    @contextmanager
-    def evaluation(self):
-        """Within: prompts and class text features are computed once, not per batch.
-
-        In release mode the prompts are rewritten at every forward (as the release does, eval
-        batches included), so nothing is cached there.
-        """
-        if self.cfg.mapper_mode == "release":
-            yield
-            return
-        with torch.no_grad():
-            text_prompts, visual_prompts = self.prompt_learner()
-            self._eval_cache = (self.text_features(text_prompts), visual_prompts)
-        try:
-            yield
-        finally:
-            self._eval_cache = None
+            loss = ce + self.settings.lambd * (distill_text + distill_image)
+        return LossOutput(loss, logits, {"loss_ce": ce.item(), "loss_distill": (distill_text + distill_image).item()})
 
 
 # ---- the release's checkpoints ---------------------------------------------------------------
@@ -317,23 +266,16 @@ def convert_release_state_dict(release_state: Dict[str, Tensor]) -> Dict[str, Te
     return ours
 
 
-def load_release_checkpoint(path: str, trust_pickle: bool = False) -> Dict[str, Tensor]:
-    """Read a release checkpoint (`VLPromptLearner/model*.pth.tar`) as our state dict.
+def is_release_state_dict(keys: Iterable[str]) -> bool:
+    return any(k.startswith(("prompt_learner.", "module.prompt_learner.")) for k in keys)
 
-    The release's Dassl pickles its LR scheduler object into every checkpoint, which only a full
-    unpickling can read; that can run code stored in the file, so it needs `trust_pickle=True`.
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        if not trust_pickle:
-            raise RuntimeError(
-                f"{path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}). "
-                f"Release checkpoints pickle Python objects (the LR scheduler); full unpickling can "
-                f"execute code from the file. If you trust it, pass trust_pickle=True "
-                f"(TRAINER.HICROPL.TRUST_RELEASE_CHECKPOINT True).") from err
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise RuntimeError(f"{path} holds no state dict")
-    return convert_release_state_dict(state)
+
+register_method(
+    "HiCroPL", settings=HiCroPLSettings, model=HiCroPL, checkpoint_folder="VLPromptLearner",  # the release's
+    default_configs={"base2new": "vit_b16_c2_ep50_batch32_16ctx",
+                     "xd": "vit_b16_c2_ep5_batch32_2ctx_cross_datasets",
+                     "fewshot": "vit_b16_c2_ep50_batch32_16ctx_few_shot"},
+    # t_fix: the release's GPT-written class descriptions when present, else a template ensemble
+    class_texts=lambda settings, dataset: ClassTexts(GENERIC_TEMPLATES, descriptions=True),
+    release_checkpoint=ReleaseCheckpoint(is_release_state_dict, convert_release_state_dict),
+    doc="docs/hicropl.md")

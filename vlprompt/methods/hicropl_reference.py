@@ -8,14 +8,14 @@ benchmarks/bench_hicropl.py and an oracle for tests.
 The numbers are the same as `HiCroPL`'s up to float rounding; only the cost differs.
 """
 import copy
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .hicropl import HiCroPL, normalize
 from ..clip.encoders import PromptedImageEncoder, PromptedTextEncoder
+from .common import normalize
+from .hicropl import HiCroPL
 
 
 def _splice(x: Tensor, start: int, prompt: Tensor) -> Tensor:
@@ -66,10 +66,10 @@ class ReleaseStyleHiCroPL(HiCroPL):
         self.image_encoder = CLIPBlocksImageEncoder(clip_model)
         self.teacher = copy.deepcopy(clip_model.visual)  # the release loads CLIP's image tower twice
 
-    def zero_shot_image_features(self, images: Tensor) -> Tensor:
+    def frozen_image_features(self, images: Tensor) -> Tensor:
         with torch.no_grad():
             return normalize(self.teacher(images.to(self.teacher.conv1.weight.dtype)).float())
 
-    @contextmanager
-    def evaluation(self):
-        yield  # nothing cached: class text features are recomputed for every batch
+    @property
+    def classes_cacheable(self) -> bool:
+        return False  # class text features are recomputed for every batch

@@ -1,5 +1,0 @@
-#!/usr/bin/env bash
-# Base-to-new, step 1: train DCP on the base half of the classes (16 shots).
-# usage: DATA=/path/to/datasets bash scripts/dcp/base2new_train.sh DATASET SEED [CONFIG OPTIONS...]
-export TRAINER=DCP CFG=${CFG:-vit_b16_c2_ep20_batch4_16ctx} METHOD_DIR=scripts/dcp USAGE_NAME=$0
-exec bash "$(dirname "$0")/../tasks/base2new_train.sh" "$@"

@@ -1,0 +1,133 @@
+"""The shared base of prompt methods over frozen CLIP, and the contract between a model and the
+trainer that drives it.
+
+A method subclasses `PromptedCLIPClassifier` and says how it encodes the classes and how it
+classifies images against them; the base owns the frozen encoders, the logit scale, the
+first-layer context, the class set, fp32 logits and the once-per-evaluation class cache.
+"""
+from contextlib import contextmanager
+from typing import Any, ContextManager, Dict, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..clip.encoders import PromptedImageEncoder, PromptedTextEncoder
+from .common import class_token_ids, initial_context, normalize
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor  # the scalar that is back-propagated
+    logits: Tensor  # [B, C] fp32, for the training accuracy
+    parts: Dict[str, float]  # named terms for the log
+
+
+@runtime_checkable
+class PromptModel(Protocol):
+    """What a trainer needs from a method's model."""
+
+    prompt_learner: nn.Module  # everything the method trains (optimised and checkpointed)
+    image_encoder: PromptedImageEncoder  # frozen CLIP's image tower
+    # True: forward accepts frozen image features, which the trainer caches per evaluation image
+    uses_frozen_image_features: bool
+
+    def set_classes(self, classnames: Sequence[str], frozen_text_features: Optional[Tensor] = None) -> None: ...
+
+    def frozen_image_features(self, images: Tensor) -> Tensor: ...
+
+    def forward(self, images: Tensor, frozen_image_features: Optional[Tensor] = None) -> Tensor: ...
+
+    def loss(self, images: Tensor, labels: Tensor) -> LossOutput: ...
+
+    def evaluation(self) -> ContextManager: ...
+
+
+class PromptedCLIPClassifier(nn.Module):
+    """Frozen CLIP and learned prompts: logits [B, C] for a set of classes.
+
+    Subclasses build `self.prompt_learner` and implement `encode_classes()` (what images are
+    compared with, from the classes and the prompts alone) and `classify(images, classes,
+    frozen_image_features)`. The class set is state outside the learned parameters:
+    `set_classes` retargets a trained model to new classes.
+    """
+
+    uses_frozen_image_features = False
+
+    def __init__(self, clip_model: nn.Module, n_ctx: int, ctx_init: str, classnames: Sequence[str],
+                 frozen_text_features: Optional[Tensor] = None, exact_shortcuts: bool = True):
+        super().__init__()
+        # exact shortcuts (cut at the last EOT, shared prompt prefix) change costs, not results
+        self.text_encoder = PromptedTextEncoder(clip_model, shared_prefix=exact_shortcuts, cut_at_eot=exact_shortcuts)
+        self.image_encoder = PromptedImageEncoder(clip_model)
+        self.logit_scale = clip_model.logit_scale
+        self.n_ctx = n_ctx
+        # [n_ctx, D] embedding of CTX_INIT's first words, or None (random); the prefix reserves positions
+        self.first_context, self.prompt_prefix = initial_context(clip_model.token_embedding, n_ctx, ctx_init)
+        self._classes: Optional[Any] = None  # encode_classes() cached for one evaluation
+        self.set_classes(classnames, frozen_text_features)
+
+    # ---- the class set ---------------------------------------------------------------------------
+    def set_classes(self, classnames: Sequence[str], frozen_text_features: Optional[Tensor] = None) -> None:
+        """Token ids of "<prompt prefix> <class name>." and, if given, frozen CLIP's class text
+        features [C, E] (normalised, fp32). Not persistent: checkpoints hold learned state only."""
+        if frozen_text_features is not None and frozen_text_features.shape[0] != len(classnames):
+            raise ValueError(f"{frozen_text_features.shape[0]} class features for {len(classnames)} classes")
+        device = self.logit_scale.device
+        self.classnames = list(classnames)
+        self.register_buffer("token_ids", self.class_token_ids(classnames).to(device), persistent=False)
+        if frozen_text_features is not None:
+            self.register_buffer("frozen_text_features", normalize(frozen_text_features.float()).to(device),
+                                 persistent=False)
+
+    def class_token_ids(self, classnames: Sequence[str]) -> Tensor:
+        return class_token_ids(self.prompt_prefix, classnames, self.n_ctx)
+
+    # ---- what a method defines ------------------------------------------------------------------
+    def encode_classes(self) -> Any:
+        raise NotImplementedError
+
+    def classify(self, images: Tensor, classes: Any, frozen_image_features: Optional[Tensor] = None) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def classes_cacheable(self) -> bool:
+        """False where the class side cannot be computed once per evaluation (a release mode
+        that couples the classes to each batch or rewrites prompts at every forward)."""
+        return True
+
+    # ---- shared ----------------------------------------------------------------------------------
+    def frozen_image_features(self, images: Tensor) -> Tensor:
+        """Frozen CLIP's normalised image features [B, E] fp32 (the same tower without prompts)."""
+        with torch.no_grad():
+            return normalize(self.image_encoder(images).float())
+
+    def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """exp(logit_scale) * cos(image, text): [B, E] x [C, E] -> [B, C], in fp32 under any autocast."""
+        with torch.autocast(image_features.device.type, enabled=False):
+            image, text = normalize(image_features.float()), normalize(text_features.float())
+            return self.logit_scale.exp().float() * image @ text.t()
+
+    def forward(self, images: Tensor, frozen_image_features: Optional[Tensor] = None) -> Tensor:
+        """Logits [B, C]."""
+        classes = self._classes if self._classes is not None else self.encode_classes()
+        return self.classify(images, classes, frozen_image_features)
+
+    def loss(self, images: Tensor, labels: Tensor) -> LossOutput:
+        """Cross-entropy of the logits (methods with regularisers override it)."""
+        logits = self(images)
+        with torch.autocast(images.device.type, enabled=False):
+            loss = F.cross_entropy(logits, labels)
+        return LossOutput(loss, logits, {})
+
+    @contextmanager
+    def evaluation(self):
+        """Within: the class side is computed once, not per batch (where it can be)."""
+        if not self.classes_cacheable:
+            yield
+            return
+        with torch.no_grad():
+            self._classes = self.encode_classes()
+        try:
+            yield
+        finally:
+            self._classes = None

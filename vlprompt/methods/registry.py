@@ -1,0 +1,173 @@
+"""One descriptor per method, the single source of truth about it.
+
+A method module calls `register_method(...)` once, next to its model and settings:
+
+    register_method("CoOp", settings=CoOpSettings, model=CoOp, checkpoint_folder="prompt_learner",
+                    default_configs={"base2new": "vit_b16_ep10_ctxv1", "fewshot": "vit_b16_ep50"})
+
+From that descriptor the Dassl side makes the trainer (`--trainer CoOp`) and its config node
+(TRAINER.COOP.*, generated from the settings' fields); the task scripts, the run entry point,
+the sweep and the report read the method's name, default configs and script folder from here.
+
+Every module of this package is imported on first use of the registry, so a new method is a new
+file here. Methods kept elsewhere are loaded from VLPROMPT_PLUGINS (module names or .py paths,
+separated by ':'), in every process that runs (train.py, vlprompt.run, the sweep, the report).
+"""
+import importlib
+import importlib.util
+import os
+import pkgutil
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+from .settings import BackboneShape, closest
+
+TASKS = ("base2new", "xd", "fewshot", "train")  # task families a default config can be named for
+PLUGINS_VARIABLE = "VLPROMPT_PLUGINS"
+
+
+@dataclass(frozen=True)
+class ClassTexts:
+    """Where a method's frozen class text features come from: prompt `templates` ("{}" is the
+    class name), or the dataset's class descriptions when `descriptions` is set and a
+    descriptions file exists (the templates otherwise)."""
+    templates: Tuple[str, ...]
+    descriptions: bool = False
+
+
+@dataclass(frozen=True)
+class ReleaseCheckpoint:
+    """How the method's official release saved its weights: `recognizes(keys)` tells a release
+    state dict from ours, `convert(state_dict)` gives our trainable state dict."""
+    recognizes: Callable[[Iterable[str]], bool]
+    convert: Callable[[Dict[str, Any]], Dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str  # trainer name (--trainer, TRAINER.NAME) and configs/trainers/<name>/
+    settings: type  # dataclass of hyper-parameters (settings.option fields)
+    # model(clip_model, settings, classnames, frozen_text_features) -> a PromptModel
+    model: Optional[Callable[..., Any]] = None
+    checkpoint_folder: str = "prompt_learner"  # folder of the checkpoints in a run's output
+    default_configs: Mapping[str, str] = field(default_factory=dict)  # task -> config name or .yaml path
+    node: str = ""  # config node under TRAINER (default: the upper-cased name)
+    release_names: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # alias -> default overrides
+    # (settings, Dassl dataset name) -> the texts of its frozen class features, or None
+    class_texts: Optional[Callable[[Any, str], Optional[ClassTexts]]] = None
+    release_checkpoint: Optional[ReleaseCheckpoint] = None
+    trains: bool = True  # False: evaluation only (zero-shot CLIP)
+    scripts: str = ""  # scripts/<folder>/ (default: the lower-cased name)
+    doc: str = ""  # docs/<file> describing the method
+    # (settings, backbone shape) -> None, raising settings.ConfigError for a backbone it cannot use
+    validate: Optional[Callable[[Any, BackboneShape], None]] = None
+
+    @property
+    def config_node(self) -> str:
+        return self.node or self.name.upper()
+
+    @property
+    def scripts_folder(self) -> str:
+        return self.scripts or self.name.lower()
+
+    def config_for(self, task: str) -> str:
+        """The default config of a task (dg runs use the cross-dataset config)."""
+        family = "xd" if task == "dg" else task
+        if family not in self.default_configs:
+            raise KeyError(f"{self.name} has no {task} task (its tasks: {', '.join(self.default_configs)})")
+        return self.default_configs[family]
+
+    def trainer_names(self) -> List[Tuple[str, str, Mapping[str, Any]]]:
+        """(trainer name, config node, default overrides): the method and its release's names."""
+        own = [(self.name, self.config_node, {})]
+        return own + [(alias, alias.upper(), overrides) for alias, overrides in self.release_names.items()]
+
+
+_METHODS: Dict[str, MethodSpec] = {}
+_LISTENERS: List[Callable[[MethodSpec], None]] = []
+_DISCOVERED = False
+
+
+def register_method(name: str, settings: type, **details) -> MethodSpec:
+    """Wire a method in: the one call a method module makes. See MethodSpec for the details."""
+    unknown = set(details) - set(MethodSpec.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"register_method({name!r}): unknown argument(s) {sorted(unknown)}")
+    spec = MethodSpec(name=name, settings=settings, **details)
+    unknown_tasks = set(spec.default_configs) - set(TASKS)
+    if unknown_tasks:
+        raise ValueError(f"{name}: default_configs for unknown task(s) {sorted(unknown_tasks)}; tasks: {TASKS}")
+    taken = {trainer for other in _METHODS.values() for trainer, _, _ in other.trainer_names()}
+    clash = taken & {trainer for trainer, _, _ in spec.trainer_names()}
+    if clash:
+        raise ValueError(f"trainer name(s) {sorted(clash)} already registered")
+    _METHODS[name] = spec
+    for listener in _LISTENERS:
+        listener(spec)
+    return spec
+
+
+def on_register(listener: Callable[[MethodSpec], None]) -> None:
+    """Call `listener` for every method registered so far and every one registered later."""
+    _LISTENERS.append(listener)
+    for spec in methods():
+        listener(spec)
+
+
+def methods() -> List[MethodSpec]:
+    _discover()
+    return list(_METHODS.values())
+
+
+def get_method(name: str) -> MethodSpec:
+    """The method registered under `name`, or one of its release's trainer names."""
+    for spec in methods():
+        if name in [trainer for trainer, _, _ in spec.trainer_names()]:
+            return spec
+    known = sorted(trainer for spec in methods() for trainer, _, _ in spec.trainer_names())
+    hint = closest(name, known)
+    raise KeyError(f"no method {name!r}" + (f" (did you mean {' or '.join(hint)}?)" if hint else "")
+                   + f"; registered: {', '.join(known)}")
+
+
+def method_for_scripts(folder: str) -> MethodSpec:
+    for spec in methods():
+        if spec.scripts_folder == folder:
+            return spec
+    raise KeyError(f"no method uses scripts/{folder}/")
+
+
+def _discover() -> None:
+    """Import every module of this package (each registers its method) and the plugins."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    package = __name__.rsplit(".", 1)[0]
+    for module in pkgutil.iter_modules(sys.modules[package].__path__):
+        importlib.import_module(f"{package}.{module.name}")
+    load_plugins()
+
+
+def load_plugins(value: Optional[str] = None) -> None:
+    """Import the modules named in VLPROMPT_PLUGINS (or `value`): dotted names or .py files. A
+    file already imported under another name (a test module that registers a method, say) is
+    not imported twice."""
+    value = os.environ.get(PLUGINS_VARIABLE, "") if value is None else value
+    for entry in filter(None, value.split(os.pathsep)):
+        if not entry.endswith(".py"):
+            importlib.import_module(entry)
+            continue
+        path = os.path.realpath(entry)
+        if any(os.path.realpath(getattr(m, "__file__", None) or "") == path for m in list(sys.modules.values())):
+            continue
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{PLUGINS_VARIABLE}: {entry} is not a file")
+        if os.path.dirname(path) not in sys.path:  # as `python file.py` does: its neighbours import
+            sys.path.append(os.path.dirname(path))
+        name = "vlprompt_plugin_" + os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
