@@ -22,7 +22,8 @@ import numpy as np
 from tabulate import tabulate
 
 from vlprompt.files import atomic_write_text
-from vlprompt.results import DATASET_ORDER, TEST_END, TRAIN_END, ResultsError, ci95, harmonic_mean, read_run
+from vlprompt.layout import BASE2NEW_DATASETS
+from vlprompt.results import TEST_END, TRAIN_END, ResultsError, ci95, harmonic_mean, read_run
 
 def parse_seeds(directory: str, end_signal, keyword="accuracy", use_ci95=False, out=print) -> Dict[str, float]:
     """CoOp's parse_function: each subfolder of `directory` is one run (one seed)."""
@@ -108,7 +109,7 @@ def base2new_summary(root: str, trainer=None, cfg=None, shots=16, out=print):
     found = _method_dirs(root, shots)
     trainer, cfg = _pick(found, trainer, cfg)
     datasets = sorted({d for d, t, c in found if (t, c) == (trainer, cfg)},
-                      key=lambda d: (DATASET_ORDER.index(d) if d in DATASET_ORDER else len(DATASET_ORDER), d))
+                      key=lambda d: (BASE2NEW_DATASETS.index(d) if d in BASE2NEW_DATASETS else len(BASE2NEW_DATASETS), d))
     rows, problems = [], []
     for dataset in datasets:
         common = os.path.join(dataset, f"shots_{shots}", trainer, cfg)

@@ -40,7 +40,7 @@ def test_data_root_must_be_set(env):
 def test_usage_and_unknown_dataset(env):
     assert "usage:" in script(env, "hicropl/few_shot.sh", ok=False).stderr
     proc = script(env, "hicropl/base2new_train.sh", "flowers", "1", ok=False)
-    assert proc.returncode == 2 and "Unknown dataset 'flowers'" in proc.stderr
+    assert proc.returncode == 2 and "unknown dataset 'flowers'" in proc.stderr
 
 
 def test_base2new_layout_skip_and_resume(env):
@@ -48,11 +48,11 @@ def test_base2new_layout_skip_and_resume(env):
     train_dir = root / "output/base2new/train_base/caltech101/shots_16/HiCroPL/demo_tiny_clip/seed1"
     test_dir = root / "output/base2new/test_new/caltech101/shots_16/HiCroPL/demo_tiny_clip/seed1"
     premature = script(env, "hicropl/base2new_test.sh", "caltech101", "1", ok=False)
-    assert premature.returncode == 1 and "run scripts/hicropl/base2new_train.sh caltech101 1 first" in premature.stderr
+    assert premature.returncode == 1 and "run bash scripts/hicropl/base2new_train.sh caltech101 1 first" in premature.stderr
     train_dir.mkdir(parents=True)
-    (train_dir / "log.txt").write_text("epoch [1/12] ...\n")  # a run killed before it finished
+    (train_dir / "log.txt").write_text("epoch [1/12] ...\n")  # a run killed in its first epoch
     first = script(env, "hicropl/base2new_train.sh", "caltech101", "1")
-    assert f"Resuming the unfinished run in {train_dir}" in first.stdout
+    assert f"Starting over in {train_dir}: an earlier attempt finished no epoch" in first.stdout
     assert (train_dir / "VLPromptLearner" / "model-best.pth.tar").exists()
     again = script(env, "hicropl/base2new_train.sh", "caltech101", "1")
     assert "skipping" in again.stdout and "epoch [" not in again.stdout

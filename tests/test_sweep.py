@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, requires_dassl
+from conftest import requires_dassl
 from vlprompt import sweep
 from vlprompt.results import TEST_END, TRAIN_END, read_run
 
@@ -31,10 +31,11 @@ def test_dry_run_lists_the_expected_commands(capsys):
                        "--data", "/data", "--output", "/nowhere", "--dry-run", "--", "TRAINER.HICROPL.PREC", "amp"]) == 0
     out = capsys.readouterr().out
     env = "DATA=/data OUTPUT=/nowhere CFG=vit_b16_c2_ep50_batch32_16ctx SOURCE=imagenet"
+    run = f"{sys.executable} -m vlprompt.run"
     for seed in (1, 2):
-        assert (f"base2new_train/dtd/seed{seed}: {env} bash {ROOT}/scripts/hicropl/base2new_train.sh dtd {seed} "
+        assert (f"base2new_train/dtd/seed{seed}: {env} {run} base2new_train HiCroPL dtd {seed} "
                 f"TRAINER.HICROPL.PREC amp") in out
-        assert (f"base2new_test/dtd/seed{seed}: {env} bash {ROOT}/scripts/hicropl/base2new_test.sh dtd {seed} "
+        assert (f"base2new_test/dtd/seed{seed}: {env} {run} base2new_test HiCroPL dtd {seed} "
                 f"TRAINER.HICROPL.PREC amp   [after base2new_train/dtd/seed{seed}]") in out
     assert "4 runs, 0 finished already, 4 to run" in out
 

@@ -1,5 +1,13 @@
-"""Where each run writes: CoOp/MaPLe/PromptSRC's output layout, as scripts/tasks/*.sh writes it.
-The sweep (to skip and order runs) and the report (to read them) both go through these."""
+"""Where each run writes (CoOp/MaPLe/PromptSRC's output layout) and the papers' dataset lists.
+vlprompt.run writes runs there; the sweep (to skip and order runs) and the report (to read them)
+go through the same functions."""
+
+# The 11 base-to-new datasets in the papers' order, the cross-dataset targets (ImageNet is the
+# source) and the domain-generalisation targets (ImageNet's variants).
+BASE2NEW_DATASETS = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                     "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
+XD_TARGETS = [d for d in BASE2NEW_DATASETS if d != "imagenet"]
+DG_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 
 
 def base2new(output: str, stage: str, dataset: str, trainer: str, cfg: str, seed: int) -> str:
@@ -15,10 +23,15 @@ def xd_test(output: str, dataset: str, trainer: str, cfg: str, seed: int) -> str
     return f"{output}/evaluation/{trainer}/{cfg}_16shots/{dataset}/seed{seed}"
 
 
-def zero_shot_test(output: str, dataset: str, cfg: str) -> str:
-    """scripts/zsclip/xd.sh: one deterministic run, no shots."""
-    return f"{output}/evaluation/ZeroshotCLIP/{cfg}/{dataset}/seed1"
+def eval_only(output: str, dataset: str, trainer: str, cfg: str) -> str:
+    """An evaluation-only method (zero-shot CLIP) on all classes of a dataset: one deterministic run."""
+    return f"{output}/evaluation/{trainer}/{cfg}/{dataset}/seed1"
 
 
 def few_shot(output: str, dataset: str, trainer: str, cfg: str, shots: int, seed: int) -> str:
     return f"{output}/{dataset}/{trainer}/{cfg}_{shots}shots/seed{seed}"
+
+
+def train(output: str, dataset: str, trainer: str, cfg: str, seed: int) -> str:
+    """Plain supervised training and testing on one dataset (EdgeCNN)."""
+    return f"{output}/{dataset}/{trainer}/{cfg}/seed{seed}"

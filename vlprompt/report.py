@@ -34,14 +34,13 @@ import numpy as np
 
 from . import layout
 from .files import OutputWriteError, atomic_write
-from .results import DATASET_ORDER, TEST_END, TRAIN_END, harmonic_mean, read_run
-from .sweep import DG_TARGETS, METHODS, XD_TARGETS
+from .methods.registry import get_method
+from .results import TEST_END, TRAIN_END, harmonic_mean, read_run
 
 TASKS = ("base2new", "xd", "dg", "fewshot")
-EVAL_ONLY = {"ZeroshotCLIP"}  # one deterministic run (seed1), no training log
 TEMPLATE_FIELDS = ("output", "dataset", "seed", "shots", "stage")
 NAME = re.compile(r"[\w.+-]+")  # a trainer or config folder name
-PAPER_ORDER = DATASET_ORDER + ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+PAPER_ORDER = layout.BASE2NEW_DATASETS + layout.DG_TARGETS
 DISPLAY_NAMES = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets",
                  "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102", "food101": "Food101",
                  "fgvc_aircraft": "FGVCAircraft", "sun397": "SUN397", "dtd": "DTD", "eurosat": "EuroSAT",
@@ -105,7 +104,7 @@ class Method:
         return f"{self.label} ({self.template})" if self.template else f"{self.trainer}/{self.cfg}"
 
     def seeds(self, seeds: Sequence[int]) -> List[int]:
-        one_run = self.trainer in EVAL_ONLY or (self.template is not None and "seed" not in _fields(self.template))
+        one_run = evaluation_only(self.trainer) or (self.template is not None and "seed" not in _fields(self.template))
         return [1] if one_run else list(seeds)
 
     def folders(self, output: str, task: str, dataset: str, seed: int, shots: int = 16) -> List[Tuple[str, object]]:
@@ -115,8 +114,8 @@ class Method:
             return [(folder, TEST_END if task in ("xd", "dg") else TRAIN_END)]
         t, cfg = self.trainer, self.cfg
         if task in ("xd", "dg"):
-            if t in EVAL_ONLY:
-                return [(layout.zero_shot_test(output, dataset, cfg), TEST_END)]
+            if evaluation_only(t):
+                return [(layout.eval_only(output, dataset, t, cfg), TEST_END)]
             if dataset == "imagenet":  # the source accuracy: the training run's own test
                 return [(layout.xd_train(output, "imagenet", t, cfg, seed), TRAIN_END)]
             return [(layout.xd_test(output, dataset, t, cfg, seed), TEST_END)]
@@ -159,13 +158,28 @@ def _checked_template(spec: str, template: str, task: str, shots: Sequence[int])
     return template
 
 
+def registered(trainer: str):
+    try:
+        return get_method(trainer)
+    except KeyError:
+        return None  # a trainer of another code base (CoOp's, MaPLe's...) read from its folders
+
+
+def evaluation_only(trainer: str) -> bool:
+    """One deterministic run (seed1), no training log (zero-shot CLIP)."""
+    spec = registered(trainer)
+    return spec is not None and not spec.trains
+
+
 def _default_cfg(spec: str, trainer: str, task: str) -> str:
-    if trainer in METHODS and task in METHODS[trainer][1]:
-        return METHODS[trainer][1][task]
-    if trainer in METHODS:
-        raise ReportError(f"--method {spec}: {trainer} has no {task} runs (it trains nothing); drop it")
-    raise ReportError(f"--method {spec}: give its config as {trainer}/CFG (the config folder name in "
-                      f"its run folders)")
+    method = registered(trainer)
+    if method is None:
+        raise ReportError(f"--method {spec}: give its config as {trainer}/CFG (the config folder name in "
+                          f"its run folders)")
+    try:
+        return method.config_for(task)
+    except KeyError:
+        raise ReportError(f"--method {spec}: {trainer} has no {task} runs; drop it") from None
 
 
 def parse_methods(specs: Sequence[str], task: str, shots: Sequence[int]) -> List[Method]:
@@ -577,8 +591,8 @@ class Report:
 
 
 def default_datasets(task: str) -> List[str]:
-    return {"base2new": DATASET_ORDER, "fewshot": DATASET_ORDER, "xd": ["imagenet"] + XD_TARGETS,
-            "dg": ["imagenet"] + DG_TARGETS}[task]
+    return {"base2new": layout.BASE2NEW_DATASETS, "fewshot": layout.BASE2NEW_DATASETS,
+            "xd": ["imagenet"] + layout.XD_TARGETS, "dg": ["imagenet"] + layout.DG_TARGETS}[task]
 
 
 def build(task, method_specs, output="output", datasets=None, seeds=(1, 2, 3), shots=(1, 2, 4, 8, 16),

@@ -14,9 +14,6 @@ import numpy as np
 
 TRAIN_END = re.compile(r"^Finish(ed)? training")
 TEST_END = re.compile(r"^=> result")
-# The usual order of the 11 base-to-new datasets in papers.
-DATASET_ORDER = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-                 "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
 
 
 class ResultsError(RuntimeError):
@@ -59,6 +56,11 @@ def read_run(folder: str, end_signal, keyword: str = "accuracy") -> RunResult:
             return RunResult(folder, value, os.path.join(folder, name))
     return RunResult(folder, None, os.path.join(folder, logs[-1]),
                      f"no '* {keyword}' after '{end_signal.pattern.lstrip('^')}' (unfinished run?)")
+
+
+def finished(folder: str, kind: str) -> bool:
+    """Whether the run in `folder` logged its final result: a training ("train") or a test ("test")."""
+    return read_run(folder, TRAIN_END if kind == "train" else TEST_END).value is not None
 
 
 def ci95(values: List[float]) -> float:

@@ -5,8 +5,8 @@
     python -m vlprompt.sweep --task fewshot --trainer DCP --datasets dtd eurosat --shots 1 2 4 8 16 --gpus 0 1 2 3
     python -m vlprompt.sweep --task xd --trainer HiCroPL --dry-run
 
-Each run is a call of the task script the README shows (scripts/<method>/<task>.sh), so the sweep
-writes the same output folders, and scripts and sweeps can be mixed: finished runs are skipped,
+Each run is a call of `python -m vlprompt.run`, as the task scripts (scripts/<method>/<task>.sh) make, so
+the sweep writes the same output folders, and scripts and sweeps can be mixed: finished runs are skipped,
 unfinished ones resume, and tests wait for their training (new-class tests after base training,
 cross-dataset tests after the ImageNet training). Executors are submitit's: Slurm job arrays (one
 array per stage, the next stage depending on the previous array), or its local executor running
@@ -23,39 +23,27 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import layout
-from .results import TEST_END, TRAIN_END, read_run
+from .methods.registry import get_method, methods
+from .results import finished
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE2NEW = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-            "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
-XD_TARGETS = [d for d in BASE2NEW if d != "imagenet"]
-DG_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 TASKS = ("base2new", "xd", "dg", "fewshot")
-# trainer -> (its scripts folder, default config per task), as the scripts' wrappers set them
-METHODS = {
-    "HiCroPL": ("hicropl", {"base2new": "vit_b16_c2_ep50_batch32_16ctx",
-                            "xd": "vit_b16_c2_ep5_batch32_2ctx_cross_datasets",
-                            "dg": "vit_b16_c2_ep5_batch32_2ctx_cross_datasets",
-                            "fewshot": "vit_b16_c2_ep50_batch32_16ctx_few_shot"}),
-    "DCP": ("dcp", dict.fromkeys(TASKS, "vit_b16_c2_ep20_batch4_16ctx")),
-    "ZeroshotCLIP": ("zsclip", {"base2new": "vit_b16", "xd": "vit_b16", "dg": "vit_b16"}),
-}
 
 
 @dataclass(frozen=True)
 class Run:
     key: str  # unique within the grid, e.g. "base2new_test/dtd/seed2"
-    script: str  # relative to the toolkit folder
+    task: str  # a task of vlprompt.run
     args: Tuple[str, ...]
     outputs: Tuple[Tuple[str, str], ...]  # (run folder, "train" | "test") that must hold a result
     after: Tuple[str, ...] = ()  # keys of runs that must finish first
+    trainer: str = ""
 
     def command(self, options: Sequence[str] = ()) -> List[str]:
-        return ["bash", os.path.join(REPO, self.script), *self.args, *options]
+        return [sys.executable, "-m", "vlprompt.run", self.task, self.trainer, *self.args, *options]
 
     def finished(self) -> bool:
-        return all(read_run(folder, TRAIN_END if kind == "train" else TEST_END).value is not None
-                   for folder, kind in self.outputs)
+        return all(finished(folder, kind) for folder, kind in self.outputs)
 
 
 @dataclass
@@ -69,48 +57,47 @@ class Grid:
     shots: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     source: str = "imagenet"
 
+    def run(self, key: str, task: str, args: Sequence, outputs, after: Sequence[str] = ()) -> Run:
+        return Run(key, task, tuple(map(str, args)), tuple(outputs), tuple(after), self.trainer)
+
     def expand(self) -> List[Run]:
-        folder, _ = METHODS[self.trainer]
-        if self.trainer == "ZeroshotCLIP":
-            return self._zero_shot(folder)
+        if not get_method(self.trainer).trains:
+            return self._evaluation_only()
         out, t, cfg = self.output, self.trainer, self.cfg
         runs: List[Run] = []
         if self.task == "base2new":
             for d in self.datasets:
                 for s in self.seeds:
-                    train = Run(f"base2new_train/{d}/seed{s}", f"scripts/{folder}/base2new_train.sh", (d, str(s)),
-                                ((layout.base2new(out, "train_base", d, t, cfg, s), "train"),))
-                    runs += [train, Run(f"base2new_test/{d}/seed{s}", f"scripts/{folder}/base2new_test.sh",
-                                        (d, str(s)), ((layout.base2new(out, "test_new", d, t, cfg, s), "test"),),
-                                        (train.key,))]
+                    train = self.run(f"base2new_train/{d}/seed{s}", "base2new_train", (d, s),
+                                     [(layout.base2new(out, "train_base", d, t, cfg, s), "train")])
+                    runs += [train, self.run(f"base2new_test/{d}/seed{s}", "base2new_test", (d, s),
+                                             [(layout.base2new(out, "test_new", d, t, cfg, s), "test")], [train.key])]
         elif self.task in ("xd", "dg"):
             for s in self.seeds:
-                train = Run(f"xd_train/{self.source}/seed{s}", f"scripts/{folder}/xd_train.sh", (self.source, str(s)),
-                            ((layout.xd_train(out, self.source, t, cfg, s), "train"),))
+                train = self.run(f"xd_train/{self.source}/seed{s}", "xd_train", (self.source, s),
+                                 [(layout.xd_train(out, self.source, t, cfg, s), "train")])
                 runs.append(train)
-                runs += [Run(f"xd_test/{d}/seed{s}", f"scripts/{folder}/xd_test.sh", (d, str(s)),
-                             ((layout.xd_test(out, d, t, cfg, s), "test"),), (train.key,))
-                         for d in self.datasets]
+                runs += [self.run(f"xd_test/{d}/seed{s}", "xd_test", (d, s),
+                                  [(layout.xd_test(out, d, t, cfg, s), "test")], [train.key]) for d in self.datasets]
         else:
-            runs = [Run(f"fewshot/{d}/{k}shots/seed{s}", f"scripts/{folder}/few_shot.sh", (d, str(k), str(s)),
-                        ((layout.few_shot(out, d, t, cfg, k, s), "train"),))
+            runs = [self.run(f"fewshot/{d}/{k}shots/seed{s}", "few_shot", (d, k, s),
+                             [(layout.few_shot(out, d, t, cfg, k, s), "train")])
                     for d in self.datasets for k in self.shots for s in self.seeds]
         return runs
 
-    def _zero_shot(self, folder) -> List[Run]:
-        out, cfg = self.output, self.cfg
+    def _evaluation_only(self) -> List[Run]:
+        out, t, cfg = self.output, self.trainer, self.cfg
         if self.task == "base2new":
-            return [Run(f"zeroshot/{d}", f"scripts/{folder}/base2new.sh", (d,),
-                        tuple((layout.base2new(out, f"test_{sub}", d, "ZeroshotCLIP", cfg, 1), "test")
-                              for sub in ("base", "new"))) for d in self.datasets]
+            return [self.run(f"{t}/{d}", "base2new", (d,), [(layout.base2new(out, f"test_{half}", d, t, cfg, 1), "test")
+                                                             for half in ("base", "new")]) for d in self.datasets]
         if self.task in ("xd", "dg"):
-            return [Run(f"zeroshot/{d}", f"scripts/{folder}/xd.sh", (d,),
-                        ((layout.zero_shot_test(out, d, cfg), "test"),)) for d in self.datasets]
-        raise SystemExit("ZeroshotCLIP has no few-shot task: it trains nothing")
+            return [self.run(f"{t}/{d}", "xd", (d,), [(layout.eval_only(out, d, t, cfg), "test")]) for d in self.datasets]
+        raise SystemExit(f"{t} has no few-shot task: it trains nothing")
 
 
 def default_datasets(task: str) -> List[str]:
-    return {"base2new": BASE2NEW, "fewshot": BASE2NEW, "xd": XD_TARGETS, "dg": DG_TARGETS}[task]
+    return {"base2new": layout.BASE2NEW_DATASETS, "fewshot": layout.BASE2NEW_DATASETS, "xd": layout.XD_TARGETS,
+            "dg": layout.DG_TARGETS}[task]
 
 
 def execute_runs(commands: List[List[str]], env: Dict[str, str]) -> str:
@@ -138,8 +125,8 @@ def execute_runs(commands: List[List[str]], env: Dict[str, str]) -> str:
     return "\n".join(outputs)
 
 
-def job_env(grid: Grid, data: str) -> Dict[str, str]:
-    env = {"DATA": data, "OUTPUT": grid.output, "CFG": grid.cfg, "SOURCE": grid.source, "PYTHONUNBUFFERED": "1"}
+def job_env(grid: Grid, data: str, cfg: str) -> Dict[str, str]:
+    env = {"DATA": data, "OUTPUT": grid.output, "CFG": cfg, "SOURCE": grid.source, "PYTHONUNBUFFERED": "1"}
     if "PYTHON" in os.environ:
         env["PYTHON"] = os.environ["PYTHON"]
     return env
@@ -264,11 +251,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m vlprompt.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--trainer", required=True, choices=sorted(METHODS))
+    parser.add_argument("--trainer", required=True, choices=sorted(spec.name for spec in methods()
+                                                                    if set(spec.default_configs) - {"train"}))
     parser.add_argument("--datasets", nargs="+", default=["all"], help="'all' or names as in configs/datasets")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="fewshot only")
-    parser.add_argument("--cfg", help="config under configs/trainers/<trainer>/ (default: the scripts')")
+    parser.add_argument("--cfg", help="config under configs/trainers/<trainer>/ or a .yaml path (default: the method's)")
     parser.add_argument("--source", default="imagenet", help="xd/dg: the dataset trained on")
     parser.add_argument("--data", default=os.environ.get("DATA"), help="dataset root (default: $DATA)")
     parser.add_argument("--output", default=os.environ.get("OUTPUT", "output"))
@@ -296,15 +284,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    folder_name, cfgs = METHODS[args.trainer]
-    if args.task not in cfgs:
-        raise SystemExit(f"{args.trainer} has no {args.task} task")
+    spec = get_method(args.trainer)
+    try:
+        cfg = args.cfg or spec.config_for(args.task)
+    except KeyError as err:
+        raise SystemExit(err.args[0])
+    if cfg.endswith((".yaml", ".yml")):  # a config file outside configs/: folders are named by its stem
+        cfg = os.path.splitext(os.path.basename(cfg))[0]
     datasets = default_datasets(args.task) if args.datasets == ["all"] else args.datasets
-    grid = Grid(args.task, args.trainer, args.cfg or cfgs[args.task], args.output, datasets, args.seeds,
-                args.shots, args.source)
+    grid = Grid(args.task, args.trainer, cfg, args.output, datasets, args.seeds, args.shots, args.source)
     runs = grid.expand()
     todo = [r for r in runs if not r.finished()]
-    env = job_env(grid, args.data or "")
+    env = job_env(grid, args.data or "", args.cfg or cfg)
     print(f"{args.task} / {args.trainer} / {grid.cfg}: {len(runs)} runs, {len(runs) - len(todo)} finished "
           f"already, {len(todo)} to run")
     if args.dry_run:

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Few-shot classification: train and test on all classes with SHOTS images per class.
+# usage: DATA=/path/to/datasets bash scripts/<method>/few_shot.sh DATASET SHOTS SEED [CONFIG OPTIONS...]
+# scripts/<method>/ links to this folder: the method is the folder name the script was called by.
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" exec python -m vlprompt.run few_shot --scripts-folder "$(basename "$(dirname "$0")")" "$@"
