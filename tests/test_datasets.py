@@ -8,6 +8,7 @@ import random
 import pytest
 
 from conftest import requires_dassl
+from helpers import build_dataset
 
 pytestmark = requires_dassl
 
@@ -15,21 +16,6 @@ SPLIT_FILE = ["OxfordPets", "OxfordFlowers", "StanfordCars", "Food101", "SUN397"
               "EuroSAT", "UCF101", "Caltech101"]
 VARIANTS = ["ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"]
 N_CLASSES, PER_SPLIT = 6, (5, 3, 2)
-
-
-def make_cfg(root, name, shots=-1, seed=1, subsample="all", cache=""):
-    from dassl.config import get_cfg_default
-    from trainers.config import extend_cfg
-    cfg = extend_cfg(get_cfg_default())
-    cfg.DATASET.ROOT, cfg.DATASET.NAME, cfg.DATASET.NUM_SHOTS = str(root), name, shots
-    cfg.DATASET.SUBSAMPLE_CLASSES, cfg.SEED, cfg.MODEL.FEATURE_CACHE_DIR = subsample, seed, str(cache)
-    return cfg
-
-
-def build(root, name, **kwargs):
-    import datasets  # noqa: F401  registration
-    from dassl.data.datasets import build_dataset
-    return build_dataset(make_cfg(root, name, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +35,7 @@ def expected_names(name):
 
 @pytest.mark.parametrize("name", SPLIT_FILE + ["FGVCAircraft"])
 def test_split_datasets_classes_labels_and_splits(data_root, name):
-    ds = build(data_root, name)
+    ds = build_dataset(data_root, name)
     assert ds.classnames == expected_names(name) and ds.num_classes == N_CLASSES
     for split, count in zip((ds.train_x, ds.val, ds.test), PER_SPLIT):
         assert len(split) == N_CLASSES * count
@@ -57,17 +43,17 @@ def test_split_datasets_classes_labels_and_splits(data_root, name):
 
 
 def test_imagenet_reads_folders_and_caches_the_lists(data_root):
-    ds = build(data_root, "ImageNet")
+    ds = build_dataset(data_root, "ImageNet")
     assert ds.classnames == expected_names("ImageNet")
     assert len(ds.train_x) == N_CLASSES * PER_SPLIT[0] and ds.val == ds.test  # val doubles as test
     assert (data_root / "imagenet" / "preprocessed.pkl").exists()
-    again = build(data_root, "ImageNet")  # from preprocessed.pkl, as CoOp does
+    again = build_dataset(data_root, "ImageNet")  # from preprocessed.pkl, as CoOp does
     assert [d.impath for d in again.train_x] == [d.impath for d in ds.train_x]
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_imagenet_variants(data_root, name):
-    ds = build(data_root, name)
+    ds = build_dataset(data_root, name)
     names = expected_names(name)
     kept = names[::2] if name in ("ImageNetA", "ImageNetR") else names  # A and R: a class subset
     assert ds.classnames == kept and len(ds.test) == len(kept) * PER_SPLIT[2]
@@ -79,12 +65,12 @@ def test_few_shot_same_seed_same_images_as_coop_and_cache_reused(data_root, monk
     from dassl.utils import set_random_seed
     cache = data_root / "eurosat" / "split_fewshot" / "shot_2-seed_7.pkl"
     cache.unlink(missing_ok=True)
-    full = build(data_root, "EuroSAT")
+    full = build_dataset(data_root, "EuroSAT")
     set_random_seed(7)  # what CoOp's train.py does before building the dataset
     coop_train = full.generate_fewshot_dataset(full.train_x, num_shots=2)
     coop_val = full.generate_fewshot_dataset(full.val, num_shots=2)
     set_random_seed(7)
-    ours = build(data_root, "EuroSAT", shots=2, seed=7)
+    ours = build_dataset(data_root, "EuroSAT", shots=2, seed=7)
     assert [d.impath for d in ours.train_x] == [d.impath for d in coop_train]
     assert [d.impath for d in ours.val] == [d.impath for d in coop_val]
     assert cache.exists()
@@ -93,7 +79,7 @@ def test_few_shot_same_seed_same_images_as_coop_and_cache_reused(data_root, monk
         raise AssertionError("the cached few-shot split should have been reused")
     monkeypatch.setattr(DatasetBase, "generate_fewshot_dataset", must_not_sample)
     random.seed(12345)  # a different global state: the cache decides
-    again = build(data_root, "EuroSAT", shots=2, seed=7)
+    again = build_dataset(data_root, "EuroSAT", shots=2, seed=7)
     assert [d.impath for d in again.train_x] == [d.impath for d in ours.train_x]
 
 
@@ -101,7 +87,7 @@ def test_few_shot_cache_written_by_coop_is_reused_unchanged(data_root):
     """A cache as CoOp writes it (pickle of Dassl Datum lists) with a selection our sampler would
     not make: our dataset must take it as is and leave the file alone."""
     from dassl.data.datasets import Datum
-    full = build(data_root, "DescribableTextures")
+    full = build_dataset(data_root, "DescribableTextures")
     chosen = [d for d in full.train_x if d.label % 2 == 0][:3] + [full.train_x[-1]]
     chosen = [Datum(impath=d.impath, label=d.label, classname=d.classname) for d in chosen]
     val = [Datum(impath=d.impath, label=d.label, classname=d.classname) for d in full.val[:2]]
@@ -110,7 +96,7 @@ def test_few_shot_cache_written_by_coop_is_reused_unchanged(data_root):
     with open(path, "wb") as handle:
         pickle.dump({"train": chosen, "val": val}, handle, protocol=pickle.HIGHEST_PROTOCOL)
     before = path.read_bytes()
-    ds = build(data_root, "DescribableTextures", shots=4, seed=3)
+    ds = build_dataset(data_root, "DescribableTextures", shots=4, seed=3)
     assert [d.impath for d in ds.train_x] == [d.impath for d in chosen]
     assert [d.impath for d in ds.val] == [d.impath for d in val]
     assert path.read_bytes() == before
@@ -122,8 +108,8 @@ def test_base_new_split_is_coops(tmp_path, n_classes):
     write_dataset(str(tmp_path), "OxfordPets", n_classes, (2, 1, 1))
     names = [n.replace("_", " ") for n in default_classnames(n_classes)]
     half = math.ceil(n_classes / 2)
-    base = build(tmp_path, "OxfordPets", subsample="base")
-    new = build(tmp_path, "OxfordPets", subsample="new")
+    base = build_dataset(tmp_path, "OxfordPets", subsample="base")
+    new = build_dataset(tmp_path, "OxfordPets", subsample="new")
     assert base.classnames == names[:half] and new.classnames == names[half:]
     for ds, offset in ((base, 0), (new, half)):
         for split in (ds.train_x, ds.val, ds.test):
@@ -135,20 +121,20 @@ def test_missing_folder_split_file_and_image_name_the_path(tmp_path):
     from datasets.coop_split import DatasetLayoutError
     from datasets.synthetic import write_dataset
     with pytest.raises(DatasetLayoutError, match=f"{tmp_path / 'food-101'} not found: the folder of DATASET.NAME=Food101"):
-        build(tmp_path, "Food101")
+        build_dataset(tmp_path, "Food101")
     folder = write_dataset(str(tmp_path), "Food101", 3, (1, 1, 1))
     split_file = os.path.join(folder, "split_zhou_Food101.json")
     split = json.load(open(split_file))
     os.rename(split_file, split_file + ".bak")
     with pytest.raises(DatasetLayoutError, match="split_zhou_Food101.json not found: CoOp's split file"):
-        build(tmp_path, "Food101")
+        build_dataset(tmp_path, "Food101")
     split["test"].append(["ghost/none.jpg", 0, "x"])
     json.dump(split, open(split_file, "w"))
     with pytest.raises(DatasetLayoutError, match="ghost/none.jpg listed in .*split_zhou_Food101.json does not exist"):
-        build(tmp_path, "Food101")
+        build_dataset(tmp_path, "Food101")
     open(split_file, "w").write("{broken")
     with pytest.raises(DatasetLayoutError, match="not valid JSON"):
-        build(tmp_path, "Food101")
+        build_dataset(tmp_path, "Food101")
 
 
 def test_read_only_dataset_folder_puts_the_few_shot_cache_elsewhere(tmp_path, monkeypatch, capsys):
@@ -165,9 +151,9 @@ def test_read_only_dataset_folder_puts_the_few_shot_cache_elsewhere(tmp_path, mo
         real_write(path, write)
     monkeypatch.setattr(coop, "atomic_write", read_only_data)
     set_random_seed(5)
-    first = build(tmp_path / "data", "UCF101", shots=2, seed=5, cache=tmp_path / "cache")
+    first = build_dataset(tmp_path / "data", "UCF101", shots=2, seed=5, cache=tmp_path / "cache")
     fallback = tmp_path / "cache" / "split_fewshot" / "ucf101" / "shot_2-seed_5.pkl"
     assert fallback.exists() and str(fallback) in capsys.readouterr().out
     random.seed(99)
-    second = build(tmp_path / "data", "UCF101", shots=2, seed=5, cache=tmp_path / "cache")
+    second = build_dataset(tmp_path / "data", "UCF101", shots=2, seed=5, cache=tmp_path / "cache")
     assert [d.impath for d in second.train_x] == [d.impath for d in first.train_x]

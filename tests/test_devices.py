@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import requires_dassl
+from helpers import in_process_trainer
 
 
 class FakeCuda:
@@ -64,7 +65,6 @@ def test_resume_reads_on_the_cpu_and_optimizer_state_follows_the_parameters(work
     numpy array again; the optimizer moments move to the parameters' device while Adam's step
     counters stay on the CPU. A CPU-only machine stands in for the GPU with the meta device."""
     from dassl.optim import build_optimizer
-    from test_faults import in_process_trainer
     trainer = in_process_trainer(workspace, tmp_path)
     trainer.batch_idx, trainer.num_batches = 0, 2
     trainer.forward_backward(next(iter(trainer.train_loader_x)))  # Adam now has moments
@@ -91,7 +91,6 @@ def test_class_features_are_computed_on_the_runs_device(workspace, tmp_path, mon
     """Frozen class text features are encoded where the run computes (a GPU run does not wait on
     its CPU); the meta device stands in for the GPU."""
     import trainers.checkpointed_trainer as base
-    from test_faults import in_process_trainer
     from vlprompt.clip.class_features import ClassFeatureStore
     devices = []
 

@@ -7,8 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import requires_dassl, write_workspace
-from test_datasets import build
-from test_trainer import run
+from helpers import build_dataset, make_cfg, run
 
 pytestmark = requires_dassl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +27,7 @@ def write_csv(folder, rows, header="emotion,pixels,Usage"):
 def test_fer_csv_splits_labels_and_decoded_pixels(tmp_path, capsys):
     write_csv(tmp_path, [f"3,{face(10)},Training", f"0,{face(20)},Training", f"6,{face(30)},PublicTest",
                          f"5,{face(40)},PrivateTest"])
-    ds = build(tmp_path, "FER2013")
+    ds = build_dataset(tmp_path, "FER2013")
     assert ds.classnames == ["angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"]
     assert ds.num_classes == 7  # all seven, although this tiny CSV lacks some
     assert [(d.label, d.classname) for d in ds.train_x] == [(3, "happy"), (0, "angry")]
@@ -36,16 +35,16 @@ def test_fer_csv_splits_labels_and_decoded_pixels(tmp_path, capsys):
     assert np.asarray(Image.open(ds.test[0].impath)).tolist() == [[40] * 48] * 48
     assert ds.test[0].impath.startswith(str(tmp_path / "fer2013" / "images"))
     assert "Decoding" in capsys.readouterr().out
-    build(tmp_path, "FER2013")  # decoded once: the image cache is reused
+    build_dataset(tmp_path, "FER2013")  # decoded once: the image cache is reused
     assert "Decoding" not in capsys.readouterr().out
 
 
 def test_changed_csv_is_decoded_again(tmp_path):
     write_csv(tmp_path, [f"1,{face(1)},Training", f"2,{face(2)},PrivateTest", f"2,{face(2)},PublicTest"])
-    assert [d.label for d in build(tmp_path, "FER2013").train_x] == [1]
+    assert [d.label for d in build_dataset(tmp_path, "FER2013").train_x] == [1]
     os.utime(write_csv(tmp_path, [f"4,{face(1)},Training", f"2,{face(2)},PrivateTest", f"2,{face(2)},PublicTest"]),
              ns=(1, 2))
-    assert [d.label for d in build(tmp_path, "FER2013").train_x] == [4]
+    assert [d.label for d in build_dataset(tmp_path, "FER2013").train_x] == [4]
 
 
 @pytest.mark.parametrize("row,message", [
@@ -60,7 +59,7 @@ def test_malformed_fer_row_names_line_and_problem(tmp_path, row, message):
     from datasets.emotions import FerRowError
     write_csv(tmp_path, [f"0,{face(0)},Training", row])
     with pytest.raises(FerRowError, match=re.escape(message)):
-        build(tmp_path, "FER2013")
+        build_dataset(tmp_path, "FER2013")
     assert not (tmp_path / "fer2013" / "images").exists()  # nothing half-written
 
 
@@ -69,10 +68,10 @@ def test_missing_csv_and_bad_header(tmp_path):
     from datasets.emotions import FerRowError
     (tmp_path / "fer2013").mkdir()
     with pytest.raises(DatasetLayoutError, match="fer2013.csv not found: the Kaggle FER-2013 file"):
-        build(tmp_path, "FER2013")
+        build_dataset(tmp_path, "FER2013")
     write_csv(tmp_path, [f"0,{face(0)},Training"], header="label,image,split")
     with pytest.raises(FerRowError, match=r"line 1: the header lacks column\(s\)"):
-        build(tmp_path, "FER2013")
+        build_dataset(tmp_path, "FER2013")
 
 
 def write_raf(tmp_path, lines):
@@ -88,7 +87,7 @@ def write_raf(tmp_path, lines):
 
 def test_raf_labels_in_raf_and_fer_order(tmp_path):
     write_raf(tmp_path, [f"train_{i:05d}.jpg {i}" for i in range(1, 8)] + ["test_00001.jpg 6"])
-    raf = build(tmp_path, "RAFDB")
+    raf = build_dataset(tmp_path, "RAFDB")
     assert [d.label for d in raf.train_x] == list(range(7))
     assert raf.classnames == ["surprised", "fearful", "disgusted", "happy", "sad", "angry", "neutral"]
     assert raf.val is None and [d.classname for d in raf.test] == ["angry"]
@@ -101,7 +100,6 @@ def test_raf_labels_in_raf_and_fer_order(tmp_path):
 def build_with(root, name, **dataset_keys):
     import datasets  # noqa: F401
     from dassl.data.datasets import build_dataset
-    from test_datasets import make_cfg
     cfg = make_cfg(root, name)
     for key, value in dataset_keys.items():
         setattr(cfg.DATASET, key, value)
@@ -112,10 +110,10 @@ def test_raf_bad_label_line_and_missing_image(tmp_path):
     from datasets.coop_split import DatasetLayoutError
     base = write_raf(tmp_path, ["train_00001.jpg 1", "test_00001.jpg 8"])
     with pytest.raises(DatasetLayoutError, match=r"line 2: expected '<train\|test>_NNNNN.jpg <label 1-7>'"):
-        build(tmp_path, "RAFDB")
+        build_dataset(tmp_path, "RAFDB")
     (base / "EmoLabel" / "list_patition_label.txt").write_text("train_00001.jpg 1\ntrain_00009.jpg 2\n")
     with pytest.raises(DatasetLayoutError, match="train_00009_aligned.jpg listed in .* does not exist"):
-        build(tmp_path, "RAFDB")
+        build_dataset(tmp_path, "RAFDB")
 
 
 @pytest.fixture(scope="module")

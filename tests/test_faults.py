@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, requires_dassl, write_workspace
+from helpers import accuracies, dcp_command, in_process_trainer, run, train_command
 from vlprompt.files import OutputWriteError, atomic_torch_save, atomic_write, atomic_write_text
 
 
@@ -39,17 +40,6 @@ def test_unwritable_folder_is_named(tmp_path, monkeypatch):
 
 
 # ---- helpers for runs ----------------------------------------------------------------------
-def in_process_trainer(workspace, tmp_path, *opts, trainer="HiCroPL"):
-    """A Dassl trainer built in this process from train.py's command line."""
-    import train
-    from dassl.engine import build_trainer
-    from dassl.utils import set_random_seed
-    from test_trainer import command
-    cmd = command(workspace, tmp_path / "run", *opts)
-    cmd[cmd.index("--trainer") + 1] = trainer
-    cfg = train.setup_cfg(train.build_parser().parse_args(cmd[2:]))
-    set_random_seed(cfg.SEED)
-    return build_trainer(cfg)
 
 
 PATCHED_RUN = """
@@ -61,7 +51,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def run_patched(patch, cmd, expect_ok):
-    from test_trainer import run
     return run([sys.executable, "-c", PATCHED_RUN.format(patch=patch)] + cmd[1:], expect_ok=expect_ok)
 
 
@@ -88,8 +77,6 @@ def edgecnn_command(data, out):
 @requires_dassl
 @pytest.mark.parametrize("trainer", ["EdgeCNN", "DCP"])
 def test_killed_run_resumes_to_the_same_result_for_other_trainers(workspace, tmp_path, trainer):
-    from test_dcp import dcp_command
-    from test_trainer import accuracies, run
     if trainer == "EdgeCNN":
         from datasets.synthetic import write_dataset
         write_dataset(str(tmp_path / "data"), "FER2013", 7, (4, 2, 2))
@@ -114,7 +101,6 @@ def test_killed_run_resumes_to_the_same_result_for_other_trainers(workspace, tmp
 def test_disk_full_while_checkpointing_keeps_the_last_good_state(workspace, tmp_path):
     """The second epoch's resume file cannot be written: the run stops naming it, the first
     epoch's file is intact, and the same command afterwards resumes from it."""
-    from test_trainer import command, run
     patch = """
 import errno
 import trainers.checkpointed_trainer as base
@@ -131,7 +117,7 @@ def full_disk(obj, path):
     real(obj, path)
 base.atomic_torch_save = full_disk
 """
-    cmd = command(workspace, tmp_path / "out", epochs=3)
+    cmd = train_command(workspace, tmp_path / "out", epochs=3)
     failed = run_patched(patch, cmd, expect_ok=False)
     resume_file = tmp_path / "out" / "VLPromptLearner" / "resume.pth.tar"
     assert failed.returncode != 0
@@ -154,15 +140,14 @@ def break_images(folder):
 
 @requires_dassl
 def test_unreadable_image_stops_the_run_naming_it_or_is_skipped_on_request(tmp_path):
-    from test_trainer import command, run
     write_workspace(tmp_path, {"Caltech101": (4, (2, 1, 3))})
     truncated, not_image = break_images(tmp_path / "data" / "caltech-101")
-    cmd = command(tmp_path, tmp_path / "out", "TEST.FINAL_MODEL", "last_step", subsample="all", epochs=1)
+    cmd = train_command(tmp_path, tmp_path / "out", "TEST.FINAL_MODEL", "last_step", subsample="all", epochs=1)
     failed = run(cmd, expect_ok=False)
     assert failed.returncode != 0 and "cannot read image" in failed.stderr
     assert str(truncated) in failed.stderr or str(not_image) in failed.stderr
     assert "DATALOADER.SKIP_BROKEN_IMAGES True" in failed.stderr
-    skipped = run(command(tmp_path, tmp_path / "out2", "TEST.FINAL_MODEL", "last_step",
+    skipped = run(train_command(tmp_path, tmp_path / "out2", "TEST.FINAL_MODEL", "last_step",
                           "DATALOADER.SKIP_BROKEN_IMAGES", "True", subsample="all", epochs=1))
     assert f"skipping unreadable image {truncated}" in skipped.stdout
     assert f"skipping unreadable image {not_image}" in skipped.stdout
@@ -204,8 +189,7 @@ def test_amp_skips_are_counted_not_fatal(workspace, tmp_path, capsys):
 # ---- determinism -----------------------------------------------------------------------------
 @requires_dassl
 def test_same_seed_and_config_give_identical_losses_and_metrics_on_cpu(workspace, tmp_path):
-    from test_trainer import command, run
-    logs = [run(command(workspace, tmp_path / f"run{i}", epochs=2)).stdout for i in range(2)]
+    logs = [run(train_command(workspace, tmp_path / f"run{i}", epochs=2)).stdout for i in range(2)]
     strip_times = lambda log: [re.sub(r"time [\d.]+ \([\d.]+\) data [\d.]+ \([\d.]+\)|eta [\d:]+", "", line)
                                for line in log.splitlines() if line.startswith(("epoch [", "* "))]
     first, second = map(strip_times, logs)

@@ -5,28 +5,7 @@ import numpy as np
 import pytest
 
 import parse_test_res as ptr
-
-HEADER = "Setting fixed seed: 1\n***************\n** Arguments **\n"
-
-
-def train_log(final, val=(50.0, 60.0), end="Finish training"):
-    lines = [HEADER]
-    for v in val:  # per-epoch validation before the end of training must be ignored
-        lines.append(f"Evaluate on the *val* set\n=> result\n* total: 10\n* accuracy: {v}%\n* error: {100 - v}%\n")
-    if end:
-        lines.append(f"{end}\nDeploy the model with the best val performance\nEvaluate on the *test* set\n"
-                     f"=> result\n* total: 100\n* correct: {int(final)}\n* accuracy: {final}%\n"
-                     f"* error: {100 - final}%\n* macro_f1: 40.0%\nElapsed: 0:01:00\n")
-    return "".join(lines)
-
-
-def eval_log(accuracy):
-    return f"{HEADER}Evaluate on the *test* set\n=> result\n* total: 100\n* accuracy: {accuracy}%\n"
-
-
-def write(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+from helpers import eval_log, train_log, write
 
 
 def test_seed_mean_and_std_like_coop(tmp_path, capsys):

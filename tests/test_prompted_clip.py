@@ -5,11 +5,11 @@ import clip
 import pytest
 import torch
 
-from helpers import half_tolerance
 
 from vlprompt.clip.loading import cast_clip
 from vlprompt.clip.encoders import PromptedImageEncoder, PromptedTextEncoder, encode_lockstep
 from vlprompt.methods.hicropl_reference import CLIPBlocksImageEncoder, CLIPBlocksTextEncoder
+from helpers import half_tolerance, images_for
 
 NAMES = ["dog.", "sports car.", "a very long class name with many many different tokens in it."]
 
@@ -18,16 +18,11 @@ def placeholder_tokens(n, names=NAMES):
     return clip.tokenize([" ".join(["X"] * n) + " " + name for name in names])
 
 
-def images_for(model, batch=3, seed=0):
-    size = model.visual.input_resolution
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("which", ["tiny_clip", "tiny_l_clip"])
 def test_no_prompts_equals_clip_encoders(which, request):
     model = request.getfixturevalue(which)
     tokens = clip.tokenize(["a photo of a dog.", "cat", "an extremely long description of a thing"])
-    images = images_for(model)
+    images = images_for(model, batch=3)
     with torch.no_grad():
         # fp32 rounding only: fused attention with a causal flag vs CLIP's additive -inf mask
         torch.testing.assert_close(PromptedTextEncoder(model)(tokens), model.encode_text(tokens),
@@ -43,7 +38,7 @@ def test_deep_prompts_at_the_specified_positions(which, request):
     n, depth = 4, 3
     text_prompts = [torch.randn(n, model.ln_final.weight.shape[0], generator=gen) for _ in range(depth)]
     vis_prompts = [torch.randn(n, model.visual.ln_post.weight.shape[0], generator=gen) for _ in range(depth)]
-    tokens, images = placeholder_tokens(n), images_for(model)
+    tokens, images = placeholder_tokens(n), images_for(model, batch=3)
     with torch.no_grad():  # against CLIP's own blocks, sequence-first, stored 77x77 mask
         torch.testing.assert_close(PromptedTextEncoder(model)(tokens, text_prompts),
                                    CLIPBlocksTextEncoder(model)(tokens, text_prompts), atol=1e-5, rtol=1e-5)
@@ -128,7 +123,7 @@ def test_lockstep_hook_couples_the_encoders(tiny_clip):
 def test_half_precisions_agree_with_fp32(tiny_clip, dtype):
     half = cast_clip(copy.deepcopy(tiny_clip), dtype)
     n = 4
-    tokens, images = placeholder_tokens(n), images_for(tiny_clip)
+    tokens, images = placeholder_tokens(n), images_for(tiny_clip, batch=3)
     t_prompts = [torch.randn(n, 64, generator=torch.Generator().manual_seed(i)) * 0.1 for i in range(3)]
     v_prompts = [torch.randn(n, 128, generator=torch.Generator().manual_seed(9 + i)) * 0.1 for i in range(3)]
     with torch.no_grad():

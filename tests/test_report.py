@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_parse_test_res import base2new_layout, eval_log, train_log, write
 from vlprompt import report_figures
 from vlprompt.report import build, main, report
+from helpers import eval_log, train_log, write
+from test_parse_test_res import base2new_layout
 
 QUIET = dict(echo=lambda *_: None, warn=lambda *_: None)
 

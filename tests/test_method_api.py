@@ -1,0 +1,110 @@
+"""Adding a method is one registration call: a toy prompt method defined in this file runs
+base-to-new training and new-class testing through vlprompt.run (train.py loads this file as a
+plugin), appears in a sweep dry run and is read back by the report, with no file of the repo
+changed."""
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from conftest import ROOT, requires_dassl
+from vlprompt.methods.base import PromptedCLIPClassifier
+from vlprompt.methods.common import MAX_CONTEXT_TOKENS
+from vlprompt.methods.registry import register_method
+from vlprompt.methods.settings import option
+
+DEMO_RECIPE = os.path.join(ROOT, "configs", "trainers", "HiCroPL", "demo_tiny_clip.yaml")  # any YAML will do
+
+
+@dataclass(frozen=True)
+class ToyPromptSettings:
+    n_ctx: int = option(4, "learned context tokens before the class name", low=1, high=MAX_CONTEXT_TOKENS)
+    ctx_init: str = option("", "words the context starts from")
+
+
+class ToyPrompt(PromptedCLIPClassifier):
+    """CoOp in a dozen lines: a learned first-layer text context; frozen image features."""
+
+    uses_frozen_image_features = True
+
+    def __init__(self, clip_model: nn.Module, settings: ToyPromptSettings, classnames: Sequence[str],
+                 frozen_text_features: Optional[Tensor] = None):
+        super().__init__(clip_model, settings.n_ctx, settings.ctx_init, classnames)
+        start = self.first_context if self.first_context is not None else \
+            torch.randn(settings.n_ctx, self.text_encoder.width) * 0.02
+        self.prompt_learner = nn.ParameterDict({"context": nn.Parameter(start)})
+
+    def encode_classes(self) -> Tensor:
+        return self.text_encoder(self.token_ids, [self.prompt_learner["context"]])
+
+    def classify(self, images, text_features, frozen_image_features=None):
+        image = self.frozen_image_features(images) if frozen_image_features is None else frozen_image_features
+        return self.logits(image, text_features)
+
+
+register_method("ToyPrompt", settings=ToyPromptSettings, model=ToyPrompt, default_configs={"base2new": DEMO_RECIPE})
+
+
+def repo_state():
+    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                          capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def vlprompt_run(env, *args):
+    proc = subprocess.run([sys.executable, "-m", "vlprompt.run", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+@requires_dassl
+def test_a_method_registered_in_a_test_file_runs_sweeps_and_reports(workspace, tmp_path, capsys):
+    from vlprompt import sweep
+    from vlprompt.report import report
+    before = repo_state()
+    output = tmp_path / "output"
+    env = dict(os.environ, DATA=str(workspace / "data"), OUTPUT=str(output), VLPROMPT_PLUGINS=os.path.abspath(__file__),
+               VLPROMPT_CACHE=str(tmp_path / "cache"), PYTHONWARNINGS="ignore")
+    options = ["MODEL.BACKBONE.PATH", str(workspace / "tiny_clip.pt"), "OPTIM.MAX_EPOCH", "2",
+               "TRAINER.TOYPROMPT.PREC", "fp32"]
+    trained = vlprompt_run(env, "base2new_train", "ToyPrompt", "caltech101", "1", *options)
+    assert "ToyPrompt: ToyPromptSettings(n_ctx=4, ctx_init='')" in trained and "Finish training" in trained
+    tested = vlprompt_run(env, "base2new_test", "ToyPrompt", "caltech101", "1", *options)
+    assert "* accuracy:" in tested and "SUBSAMPLE_CLASSES: new" in tested
+    run_dir = output / "base2new/train_base/caltech101/shots_16/ToyPrompt/demo_tiny_clip/seed1"
+    checkpoint = torch.load(run_dir / "prompt_learner" / "model.pth.tar-2", weights_only=True)
+    assert list(checkpoint["state_dict"]) == ["context"]
+
+    assert sweep.main(["--task", "base2new", "--trainer", "ToyPrompt", "--datasets", "caltech101", "--seeds", "1", "2",
+                       "--data", str(workspace / "data"), "--output", str(output), "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    assert "4 runs, 2 finished already, 2 to run" in listed
+    assert "-m vlprompt.run base2new_train ToyPrompt caltech101 2" in listed
+
+    result = report("base2new", ["ToyPrompt"], str(output), ["caltech101"], seeds=[1], out=str(tmp_path / "report"),
+                    echo=lambda *_: None)
+    assert result.rows[0].datasets["caltech101"].complete
+    assert (tmp_path / "report" / "base2new.md").read_text().count("ToyPrompt") >= 2
+    assert repo_state() == before  # nothing in the repository was written or changed
+
+
+def test_the_config_node_is_generated_from_the_settings():
+    pytest.importorskip("dassl")
+    from dassl.config import get_cfg_default
+    import trainers  # noqa: F401  (the trainers of every registered method, ToyPrompt's included)
+    from dassl.engine import TRAINER_REGISTRY
+    from trainers.config import extend_cfg
+    node = extend_cfg(get_cfg_default()).TRAINER.TOYPROMPT
+    assert dict(node) == {"N_CTX": 4, "CTX_INIT": "", "PREC": "fp16"}
+    assert "ToyPrompt" in TRAINER_REGISTRY.registered_names()
+
+
+def test_a_second_registration_under_a_taken_name_is_refused():
+    with pytest.raises(ValueError, match=r"trainer name\(s\) \['ToyPrompt'\] already registered"):
+        register_method("ToyPrompt", settings=ToyPromptSettings, model=ToyPrompt)
