@@ -1,9 +1,12 @@
 """Helpers shared by the test files (fixtures live in conftest.py): tiny models and inputs, train.py
 command lines, hand-written Dassl logs, and the half-precision tolerance."""
+import functools
+import importlib.util
 import os
 import re
 import subprocess
 import sys
+from typing import Dict
 
 import torch
 
@@ -194,3 +197,52 @@ def release_state_dict(model, clip_model):
         state[f"prompt_learner.ZS_image_encoder.{k}"] = v
     state["logit_scale"] = clip_model.logit_scale.detach()
     return state
+
+
+# ---- numbers frozen from the official releases (tests/fixtures/releases/*.pt) --------------------
+# A fixture holds the release's trainable state under the release's own key names; tensors larger
+# than the generator's store limit (MaPLe's 512->768 projections) are not stored but rebuilt from
+# the same seeded rule, and checked against the recorded sha256.
+FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "releases")
+CLIP_METHODS = ("coop", "cocoop", "ivlp", "maple", "promptsrc")
+ALL_FIXTURES = CLIP_METHODS + ("cmpa", "edgecnn")
+
+
+@functools.lru_cache(maxsize=None)
+def generator():
+    """The generator script as a module, for its seeded rules (it imports only numpy and torch
+    at module level; the releases are imported in its worker processes only)."""
+    spec = importlib.util.spec_from_file_location("make_fixtures", os.path.join(FIXTURE_DIR, "make_fixtures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def load_fixture(method: str) -> dict:
+    return torch.load(os.path.join(FIXTURE_DIR, f"{method}.pt"), map_location="cpu", weights_only=True)
+
+
+def seeded_state(spec: Dict[str, dict], seed: int) -> Dict[str, torch.Tensor]:
+    """Every tensor of a trainable-state description, rebuilt from its seed and checked."""
+    state = {}
+    for key, entry in spec.items():
+        value = generator().seeded_normal(key, entry["shape"], seed)
+        if generator().sha256_of(value) != entry["sha256"]:
+            raise AssertionError(f"{key}: the seeded rule no longer gives the recorded values "
+                                 f"(numpy's normal stream changed?)")
+        state[key] = value
+    return state
+
+
+def release_state(case: dict) -> Dict[str, torch.Tensor]:
+    """The release's whole trainable state of a fixture case (stored or rebuilt), fp32."""
+    state = seeded_state(case["trainable_spec"], load_seed())
+    for key, stored in case["trainable_state"].items():
+        if not torch.equal(stored, state[key]):
+            raise AssertionError(f"{key}: stored values differ from the seeded rule")
+    return state
+
+
+def load_seed() -> int:
+    return generator().STATE_SEED

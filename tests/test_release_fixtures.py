@@ -1,6 +1,6 @@
 """The numbers frozen from the official releases (tests/fixtures/releases, see its README.md):
 loadable without unpickling code, rebuilt from their seeds, consistent with the releases' own
-formulas, and reproduced by our unmodified-CLIP base (vlprompt.prompted_clip) and our EdgeCNN.
+formulas, and reproduced by our unmodified-CLIP base (vlprompt.clip.encoders) and our EdgeCNN.
 
 Tolerances: a logit is exp(logit_scale) * cos, so fp32 rounding anywhere in the towers moves it
 by a few ulps of exp(logit_scale) (14.3 here). LOGIT_TOL = 8 ulps of that scale (1.4e-5) covers
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from release_fixtures import ALL_FIXTURES, CLIP_METHODS, FIXTURE_DIR, generator, load_fixture, release_state
+from helpers import ALL_FIXTURES, CLIP_METHODS, FIXTURE_DIR, generator, load_fixture, release_state
 
 EPS32 = torch.finfo(torch.float32).eps
 LOGIT_SCALE = 1 / 0.07  # exp of CLIP's initial logit_scale, which the random tiny CLIP keeps
@@ -34,7 +34,7 @@ def loss_tol(loss: torch.Tensor, logits: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def tiny_b_clip():
     """The fixtures' CLIP, rebuilt from arch and seed the same way on every CPU kernel."""
-    from vlprompt.clip_loading import clip_from_state_dict, freeze
+    from vlprompt.clip.loading import clip_from_state_dict, freeze
     return freeze(clip_from_state_dict(generator().fixture_clip_state_dict()))
 
 
@@ -211,7 +211,7 @@ BASE_CASES = [(m, n) for m, n in cases(("coop", "ivlp", "maple", "promptsrc")) i
 @pytest.mark.parametrize("method,name", BASE_CASES)
 @pytest.mark.parametrize("mode", MODES)
 def test_prompted_clip_base_reproduces_the_release_logits(tiny_b_clip, method, name, mode):
-    from vlprompt.prompted_clip import PromptedImageEncoder, PromptedTextEncoder
+    from vlprompt.clip.encoders import PromptedImageEncoder, PromptedTextEncoder
     fixture = load_fixture(method)
     case = fixture["cases"][name]
     rounded = (lambda t: t.half().float()) if mode == "as_shipped" else (lambda t: t)
@@ -229,7 +229,7 @@ def test_prompted_clip_base_reproduces_the_release_logits(tiny_b_clip, method, n
 
 
 def test_our_edgecnn_reproduces_the_release_from_its_state_dict_in_order():
-    from vlprompt.edgecnn import EdgeCNN
+    from vlprompt.methods.edgecnn import EdgeCNN
     fixture = load_fixture("edgecnn")
     release = fixture["t7"]["FER2013"]["state_dict"]
     ours = EdgeCNN()
