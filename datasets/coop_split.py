@@ -14,12 +14,13 @@ from typing import List, Sequence, Tuple
 
 from dassl.data.datasets import Datum, DatasetBase
 
+from vlprompt.errors import InvalidValue, UserError
 from vlprompt.files import OutputWriteError, atomic_write, cache_root
 
 DATASETS_DOC = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(UserError, FileNotFoundError):
     """A dataset folder, split file or image is missing or malformed."""
 
 
@@ -60,7 +61,7 @@ def read_split_json(path: str, image_root: str) -> Tuple[List[Datum], List[Datum
 def subsample_classes(*splits: Sequence[Datum], subsample: str = "all"):
     """CoOp's base-to-new split: labels of the first split sorted, first ceil(n/2) = base."""
     if subsample not in ("all", "base", "new"):
-        raise ValueError(f"DATASET.SUBSAMPLE_CLASSES={subsample!r} is invalid: must be all, base or new")
+        raise InvalidValue(f"DATASET.SUBSAMPLE_CLASSES={subsample!r} is invalid: must be all, base or new")
     if subsample == "all":
         return splits
     labels = sorted({item.label for item in splits[0]})

@@ -25,6 +25,7 @@ from PIL import Image
 
 from vlprompt.methods.edgecnn import EMOTIONS_FER
 
+from vlprompt.errors import InvalidValue, UserError
 from vlprompt.files import cache_root
 
 from .coop_split import CoOpDataset, DatasetLayoutError, make_datum, require
@@ -36,7 +37,7 @@ RAF_TO_FER = {raf: EMOTIONS_FER.index(name) for raf, name in enumerate(RAF_EMOTI
 RAF_LABEL_ORDERS = ("raf", "fer")
 
 
-class FerRowError(ValueError):
+class FerRowError(UserError, ValueError):
     """A malformed row of fer2013.csv; the message names the line and what is wrong."""
 
 
@@ -144,7 +145,7 @@ class RAFDB(CoOpDataset):
     def read_splits(self):
         order = self.cfg.DATASET.RAF_LABEL_ORDER
         if order not in RAF_LABEL_ORDERS:
-            raise ValueError(f"DATASET.RAF_LABEL_ORDER={order!r} is invalid: must be one of {RAF_LABEL_ORDERS}")
+            raise InvalidValue(f"DATASET.RAF_LABEL_ORDER={order!r} is invalid: must be one of {RAF_LABEL_ORDERS}")
         names = RAF_EMOTIONS if order == "raf" else EMOTIONS_FER
         self.all_classnames = names
         labels_file = require(os.path.join(self.dataset_dir, "EmoLabel", "list_patition_label.txt"),

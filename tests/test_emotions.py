@@ -149,5 +149,5 @@ def test_clip_trainers_run_on_the_emotion_datasets(emotion_data):
                "TRAINER.ZSCLIP.PREC", "fp32", "DATALOADER.NUM_WORKERS", "0",
                "MODEL.FEATURE_CACHE_DIR", str(emotion_data / "cache")]
         proc = run(cmd)
-        assert "Zero-shot prompts: ['a photo of a face looking {}.']" in proc.stdout
+        assert "Class text templates: ['a photo of a face looking {}.']" in proc.stdout
         assert "* total: 21" in proc.stdout and re.search(r"\* accuracy: [\d.]+%", proc.stdout)

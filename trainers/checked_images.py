@@ -12,8 +12,10 @@ from dassl.data import DataManager
 from dassl.data.data_manager import DatasetWrapper
 from PIL import Image
 
+from vlprompt.errors import UserError
 
-class BrokenImageError(RuntimeError):
+
+class BrokenImageError(UserError, RuntimeError):
     """An image file of the dataset cannot be decoded."""
 
 

@@ -23,7 +23,8 @@ import torch
 from dassl.data.datasets import DATASET_REGISTRY
 from dassl.engine import TrainerX
 
-from vlprompt.files import atomic_torch_save, atomic_write_text, load_strict
+from vlprompt.errors import InvalidValue, UserError
+from vlprompt.files import CheckpointError, atomic_torch_save, atomic_write_text, load_strict
 
 from .checked_images import build_data_manager
 
@@ -31,7 +32,7 @@ CHECKPOINT_FORMAT = "vlprompt-trainable-1"
 RESUME_FILE = "resume.pth.tar"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or infinite."""
 
 
@@ -76,14 +77,16 @@ class CheckpointedTrainer(TrainerX):
         # report and every .to() on the same GPU.
         self._device = run_device(torch.device(requested))
 
-    def check_cfg(self, cfg):
-        super().check_cfg(cfg)
+    @classmethod
+    def check_cfg(cls, cfg):
+        """A classmethod, so train.py checks a config before building anything (Dassl's own
+        check_cfg, an instance method, does nothing)."""
         names = DATASET_REGISTRY.registered_names()
         if cfg.DATASET.NAME not in names:
-            raise ValueError(f"DATASET.NAME={cfg.DATASET.NAME!r} is not a registered dataset: use one of "
+            raise InvalidValue(f"DATASET.NAME={cfg.DATASET.NAME!r} is not a registered dataset: use one of "
                              f"{sorted(names)} (or a configs/datasets/*.yaml file)")
         if cfg.DATASET.SUBSAMPLE_CLASSES not in ("all", "base", "new"):
-            raise ValueError(f"DATASET.SUBSAMPLE_CLASSES={cfg.DATASET.SUBSAMPLE_CLASSES!r} is invalid: "
+            raise InvalidValue(f"DATASET.SUBSAMPLE_CLASSES={cfg.DATASET.SUBSAMPLE_CLASSES!r} is invalid: "
                              f"must be all, base or new")
 
     def build_data_loader(self, **custom_transforms):
@@ -208,7 +211,7 @@ class CheckpointedTrainer(TrainerX):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise RuntimeError(f"could not read checkpoint {path} with torch.load(weights_only=True): "
+            raise CheckpointError(f"could not read checkpoint {path} with torch.load(weights_only=True): "
                                f"{type(err).__name__}: {err}") from err
 
     def checkpoint_path(self, directory, name, epoch=None):
@@ -220,7 +223,7 @@ class CheckpointedTrainer(TrainerX):
             if not osp.exists(path) and osp.isfile(osp.join(folder, "checkpoint")):
                 path = latest_checkpoint(folder)  # no best_val selection: the latest checkpoint
         if not osp.isfile(path):
-            raise FileNotFoundError(f"No checkpoint at {path} (--model-dir {directory}, --load-epoch {epoch}). "
+            raise CheckpointError(f"No checkpoint at {path} (--model-dir {directory}, --load-epoch {epoch}). "
                                     f"Train first, or point --model-dir at the training output folder.")
         return path
 

@@ -25,6 +25,7 @@ from vlprompt.clip.class_features import ClassFeatureStore, DescriptionsError, f
 from vlprompt.clip.encoders import PromptedTextEncoder
 from vlprompt.clip.image_features import ImageFeatureCache
 from vlprompt.clip.loading import architecture_shape, backbone_shape, cast_clip, load_clip
+from vlprompt.errors import InvalidValue, UserError
 from vlprompt.files import cache_root, load_strict, read_checkpoint, tensors_fingerprint
 from vlprompt.methods import settings as method_settings
 from vlprompt.methods.registry import MethodSpec
@@ -54,16 +55,16 @@ def descriptions_path(cfg) -> str:
 
 def check_precision(prec: str, key: str, on_cuda: bool) -> None:
     if prec not in PRECISIONS:
-        raise ValueError(f"{key}={prec!r} is invalid: must be one of {PRECISIONS}")
+        raise InvalidValue(f"{key}={prec!r} is invalid: must be one of {PRECISIONS}")
     # is_bf16_supported() counts emulation (pre-Ampere GPUs) as support: bf16 would run, slowly
     if prec == "bf16" and on_cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise ValueError(f"{key}=bf16 but this GPU ({torch.cuda.get_device_name()}) has no native bf16 "
+        raise InvalidValue(f"{key}=bf16 but this GPU ({torch.cuda.get_device_name()}) has no native bf16 "
                          f"(it would only be emulated, slowly); use fp16 or amp")
 
 
 def check_input_size(cfg, resolution: int) -> None:
     if tuple(cfg.INPUT.SIZE) != (resolution, resolution):
-        raise ValueError(f"INPUT.SIZE={tuple(cfg.INPUT.SIZE)} does not match the backbone's input "
+        raise InvalidValue(f"INPUT.SIZE={tuple(cfg.INPUT.SIZE)} does not match the backbone's input "
                          f"resolution {resolution}: set INPUT.SIZE ({resolution}, {resolution})")
 
 
@@ -84,28 +85,34 @@ class ClipPromptTrainer(CheckpointedTrainer):
         try:
             return method_settings.from_values(cls.spec.settings, dict(cfg.TRAINER[cls.node]))
         except method_settings.ConfigError as err:
-            raise ValueError(err.key_message(cls.key)) from err
+            raise InvalidValue(err.key_message(cls.key)) from err
 
     @classmethod
     def validate_for(cls, settings, shape) -> None:
         try:
             method_settings.checked(settings, shape)
         except method_settings.ConfigError as err:
-            raise ValueError(err.key_message(cls.key)) from err
+            raise InvalidValue(err.key_message(cls.key)) from err
 
     @property
     def precision(self) -> str:
         return self.cfg.TRAINER[self.node].PREC
 
-    def check_cfg(self, cfg):
+    @classmethod
+    def check_cfg(cls, cfg):
         """Everything checkable without weights or data, before either is loaded."""
         super().check_cfg(cfg)
-        check_precision(cfg.TRAINER[self.node].PREC, self.key("prec"), on_cuda=cfg.USE_CUDA and torch.cuda.is_available())
-        settings = self.settings_from(cfg)
+        check_precision(cfg.TRAINER[cls.node].PREC, cls.key("prec"), on_cuda=cfg.USE_CUDA and torch.cuda.is_available())
+        settings = cls.settings_from(cfg)
+        texts = cls.spec.class_texts(settings, cfg.DATASET.NAME) if cls.spec.class_texts else None
+        chosen = cfg.DATASET.DESCRIPTIONS_FILE
+        if texts is not None and texts.descriptions and chosen and not osp.isfile(chosen):
+            raise DescriptionsError(f"DATASET.DESCRIPTIONS_FILE={chosen!r} does not exist: correct the path, or "
+                                    f"set it to '' to use DATASET.DESCRIPTIONS_DIR or the prompt templates")
         backbone = cfg.MODEL.BACKBONE
         shape = None if backbone.PATH else architecture_shape(backbone.NAME)
         if shape is not None:  # OpenAI's named backbones: their shapes are known without weights
-            self.validate_for(settings, shape)
+            cls.validate_for(settings, shape)
             check_input_size(cfg, shape.image_resolution)
 
     # ---- model -----------------------------------------------------------------------------
@@ -124,6 +131,7 @@ class ClipPromptTrainer(CheckpointedTrainer):
         texts = self.spec.class_texts(settings, self.cfg.DATASET.NAME) if self.spec.class_texts else None
         if texts is None:
             return None
+        print(f"Class text templates: {list(texts.templates)}")
         store = ClassFeatureStore(cache_root(self.cfg.MODEL.FEATURE_CACHE_DIR), report=print)
         chunk = 1024 if self.device.type == "cuda" else 256
         path = descriptions_path(self.cfg) if texts.descriptions else None
@@ -181,7 +189,7 @@ class ClipPromptTrainer(CheckpointedTrainer):
 
     def train(self):
         if not self.spec.trains:
-            raise RuntimeError(f"{self.spec.name} has nothing to train: run train.py with --eval-only")
+            raise UserError(f"{self.spec.name} has nothing to train: run train.py with --eval-only")
         super().train()
 
     # ---- train -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from dassl.optim import build_optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from vlprompt.methods import settings as method_settings
+from vlprompt.errors import InvalidValue
 from vlprompt.methods.edgecnn import EdgeCNN as EdgeCNNNet, EdgeCNNSettings, ten_crop_logits
 
 from .checkpointed_trainer import CheckpointedTrainer
@@ -70,16 +71,17 @@ def edgecnn_settings(cfg) -> EdgeCNNSettings:
     try:
         settings = method_settings.from_values(EdgeCNNSettings, dict(cfg.TRAINER.EDGECNN))
     except method_settings.ConfigError as err:
-        raise ValueError(err.key_message(lambda name: f"TRAINER.EDGECNN.{name.upper()}")) from err
+        raise InvalidValue(err.key_message(lambda name: f"TRAINER.EDGECNN.{name.upper()}")) from err
     if settings.image_size < max(cfg.INPUT.SIZE):
-        raise ValueError(f"TRAINER.EDGECNN.IMAGE_SIZE={settings.image_size!r} is invalid: must be at least the "
+        raise InvalidValue(f"TRAINER.EDGECNN.IMAGE_SIZE={settings.image_size!r} is invalid: must be at least the "
                          f"crop INPUT.SIZE {max(cfg.INPUT.SIZE)}")
     return settings
 
 
 @TRAINER_REGISTRY.register()
 class EdgeCNN(CheckpointedTrainer):
-    def check_cfg(self, cfg):
+    @classmethod
+    def check_cfg(cls, cfg):
         super().check_cfg(cfg)
         edgecnn_settings(cfg)
 

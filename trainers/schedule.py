@@ -11,6 +11,8 @@ from typing import List
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, MultiStepLR, StepLR
 
+from vlprompt.errors import InvalidValue
+
 SCHEDULERS = ("single_step", "multi_step", "cosine")
 WARMUP_TYPES = ("constant", "linear")
 
@@ -29,17 +31,17 @@ class EpochTable:
 def _main_scheduler(optimizer, optim_cfg):
     name, max_epoch = optim_cfg.LR_SCHEDULER, optim_cfg.MAX_EPOCH
     if name not in SCHEDULERS:
-        raise ValueError(f"OPTIM.LR_SCHEDULER={name!r} is invalid: must be one of {SCHEDULERS}")
+        raise InvalidValue(f"OPTIM.LR_SCHEDULER={name!r} is invalid: must be one of {SCHEDULERS}")
     stepsize, gamma = optim_cfg.STEPSIZE, optim_cfg.GAMMA
     if name == "cosine":
         return CosineAnnealingLR(optimizer, float(max_epoch))
     if name == "single_step":
         step = stepsize[-1] if isinstance(stepsize, (list, tuple)) else stepsize
         if not isinstance(step, int):
-            raise ValueError(f"OPTIM.STEPSIZE={stepsize!r} is invalid: single_step needs an integer")
+            raise InvalidValue(f"OPTIM.STEPSIZE={stepsize!r} is invalid: single_step needs an integer")
         return StepLR(optimizer, step_size=step if step > 0 else max_epoch, gamma=gamma)
     if not isinstance(stepsize, (list, tuple)):
-        raise ValueError(f"OPTIM.STEPSIZE={stepsize!r} is invalid: multi_step needs a list of epochs")
+        raise InvalidValue(f"OPTIM.STEPSIZE={stepsize!r} is invalid: multi_step needs a list of epochs")
     return MultiStepLR(optimizer, milestones=list(stepsize), gamma=gamma)
 
 
@@ -47,7 +49,7 @@ def dassl_epoch_lrs(optim_cfg, base_lrs: List[float]) -> List[List[float]]:
     """lrs[e][g]: the learning rate of param group g during epoch e under Dassl's scheduler."""
     max_epoch = optim_cfg.MAX_EPOCH
     if not isinstance(max_epoch, int) or max_epoch < 1:
-        raise ValueError(f"OPTIM.MAX_EPOCH={max_epoch!r} is invalid: must be an integer >= 1")
+        raise InvalidValue(f"OPTIM.MAX_EPOCH={max_epoch!r} is invalid: must be an integer >= 1")
     dummy = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": lr}
                              for lr in base_lrs], lr=base_lrs[0])
     main = _main_scheduler(dummy, optim_cfg)
@@ -56,7 +58,7 @@ def dassl_epoch_lrs(optim_cfg, base_lrs: List[float]) -> List[List[float]]:
     lrs = []
     if warmup > 0:
         if optim_cfg.WARMUP_TYPE not in WARMUP_TYPES:
-            raise ValueError(f"OPTIM.WARMUP_TYPE={optim_cfg.WARMUP_TYPE!r} is invalid: must be one of {WARMUP_TYPES}")
+            raise InvalidValue(f"OPTIM.WARMUP_TYPE={optim_cfg.WARMUP_TYPE!r} is invalid: must be one of {WARMUP_TYPES}")
         if not optim_cfg.WARMUP_RECOUNT:
             main.last_epoch = warmup  # Dassl: the main schedule does not restart after warm-up
         for epoch in range(min(warmup, max_epoch)):

@@ -1,20 +1,32 @@
-"""Atomic file writes: a temporary file in the target folder, then a rename.
-
-A crash or a failed write leaves the previous file intact, never a half-written one.
+"""Files: atomic writes (a temporary file in the target folder, then a rename, so a crash or a
+failed write leaves the previous file intact), locks, the cache folder, checkpoint reading.
 """
 import contextlib
 import fcntl
 import hashlib
 import io
+import json
 import os
+import socket
 import tempfile
-from typing import Callable, Iterator
+import time
+from typing import Callable, Iterator, Optional
 
 import torch
 
+from .errors import UserError
 
-class OutputWriteError(OSError):
+
+class OutputWriteError(UserError, OSError):
     """Writing an output file failed; the message names the path and the reason."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file cannot be read; the message names it and the way out."""
+
+
+class FolderBusy(UserError):
+    """Another process writes the run folder."""
 
 
 def cache_root(configured: str = "") -> str:
@@ -79,7 +91,7 @@ def load_strict(module: torch.nn.Module, state: dict, source: str) -> None:
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
              for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise CheckpointError(
             f"{source} does not match this model's configuration (prompt length, depth, cross layer, "
             f"backbone?): missing keys {missing[:6]}, unexpected keys {unexpected[:6]}, "
             f"shape mismatches {wrong[:6]}")
@@ -99,10 +111,6 @@ def file_lock(path: str) -> Iterator[None]:
             fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read; the message names it and the way out."""
-
-
 def read_checkpoint(path: str, trust_pickle: bool = False, trust_key: str = "trust_pickle") -> dict:
     """A checkpoint dict, read on the CPU with torch.load(weights_only=True); checkpoints that
     pickle Python objects (the releases' Dassl pickles its LR scheduler) only with `trust_pickle`,
@@ -120,3 +128,75 @@ def read_checkpoint(path: str, trust_pickle: bool = False, trust_key: str = "tru
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
+
+
+RUN_LOCK = ".lock"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _read_holder(path: str, attempts: int = 20) -> Optional[dict]:
+    """The lock's owner, or None if the file stays unreadable (a writer that died mid-write)."""
+    for _ in range(attempts):
+        try:
+            with open(path) as handle:
+                return json.loads(handle.read())
+        except FileNotFoundError:
+            return {}
+        except (json.JSONDecodeError, OSError):
+            time.sleep(0.05)  # its creator may be writing it right now
+    return None
+
+
+def _stale(holder: dict, host: str) -> str:
+    """Why a lock's owner is gone ('' if it may be alive)."""
+    if holder.get("host") == host and not _process_alive(int(holder.get("pid", -1))):
+        return f"process {holder.get('pid')} on {host} is no longer running"
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and holder.get("slurm_job") == job:
+        return f"it belongs to an earlier run of this Slurm job ({job}), which was requeued"
+    return ""
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str, report: Callable[[str], None] = print) -> Iterator[None]:
+    """While the block runs, only this process writes `folder` (a Slurm requeue and a manual rerun
+    must not train into one run folder). The lock names its holder's host and process; one left by
+    a dead process on this host, or by an earlier run of the same Slurm job, is taken over."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, RUN_LOCK)
+    host = socket.gethostname()
+    me = {"host": host, "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = _read_holder(path)
+            if holder == {}:
+                continue  # released meanwhile
+            reason = _stale(holder, host) if holder is not None else ""
+            if not reason:
+                who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')}"
+                       f"{', Slurm job ' + holder['slurm_job'] if holder.get('slurm_job') else ''})"
+                       if holder else "a process whose lock file cannot be read")
+                raise FolderBusy(f"{folder} is in use by {who}: two runs must not write one folder. Wait for "
+                                 f"it to finish or, if that process is gone, delete {path}")
+            report(f"Taking over {path}: {reason}")
+            os.remove(path)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(me))
+    try:
+        yield
+    finally:
+        if (_read_holder(path, attempts=1) or {}).get("pid") == me["pid"]:
+            os.remove(path)

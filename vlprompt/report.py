@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import layout
+from .errors import UserError
 from .files import OutputWriteError, atomic_write
 from .methods.registry import get_method
 from .results import TEST_END, TRAIN_END, harmonic_mean, read_run
@@ -51,7 +52,7 @@ TASK_TITLES = {"base2new": "Base-to-new generalisation", "xd": "Cross-dataset tr
 SYNTHETIC_MARK = "SYNTHETIC toy-world data, not comparable with published results"
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A user mistake or nothing to report; the message names the value and the fix."""
 
 

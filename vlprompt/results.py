@@ -12,11 +12,13 @@ from typing import List, Optional
 
 import numpy as np
 
+from .errors import UserError
+
 TRAIN_END = re.compile(r"^Finish(ed)? training")
 TEST_END = re.compile(r"^=> result")
 
 
-class ResultsError(RuntimeError):
+class ResultsError(UserError, RuntimeError):
     """No usable result where one was expected; the message says where and why."""
 
 

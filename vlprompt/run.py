@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import layout
+from .errors import UserError
 from .methods.registry import MethodSpec, get_method, method_for_scripts
 from .results import finished
 
@@ -41,7 +42,7 @@ TASKS: Dict[str, Tuple[Tuple[str, ...], str]] = {
 EVAL_ONLY_TASKS = ("base2new", "xd")
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A mistake on the command line or in the environment; the message says which and the fix."""
 
 

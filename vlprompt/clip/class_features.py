@@ -12,6 +12,7 @@ import torch
 from clip import clip as clip_api
 from torch import Tensor
 
+from ..errors import UserError
 from ..files import atomic_torch_save, tensors_fingerprint
 from .encoders import PromptedTextEncoder
 from .templates import GENERIC_TEMPLATES
@@ -19,7 +20,7 @@ from .templates import GENERIC_TEMPLATES
 log = logging.getLogger(__name__)
 
 
-class DescriptionsError(ValueError):
+class DescriptionsError(UserError, ValueError):
     """A descriptions file is unreadable or does not cover the classes."""
 
 

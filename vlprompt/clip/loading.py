@@ -13,10 +13,12 @@ from torch import nn
 from clip import clip as clip_api
 from clip.model import CLIP, build_model
 
+from ..errors import UserError
+
 DEFAULT_DOWNLOAD_ROOT = os.path.expanduser("~/.cache/clip")
 
 
-class BackboneUnavailable(RuntimeError):
+class BackboneUnavailable(UserError, RuntimeError):
     """CLIP weights could not be found, downloaded or read."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .settings import BackboneShape, closest
+from ..errors import UserError
 
 TASKS = ("base2new", "xd", "fewshot", "train")  # task families a default config can be named for
 PLUGINS_VARIABLE = "VLPROMPT_PLUGINS"
@@ -163,7 +164,7 @@ def load_plugins(value: Optional[str] = None) -> None:
         if any(os.path.realpath(getattr(m, "__file__", None) or "") == path for m in list(sys.modules.values())):
             continue
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{PLUGINS_VARIABLE}: {entry} is not a file")
+            raise UserError(f"{PLUGINS_VARIABLE}: {entry} is not a file")
         if os.path.dirname(path) not in sys.path:  # as `python file.py` does: its neighbours import
             sys.path.append(os.path.dirname(path))
         name = "vlprompt_plugin_" + os.path.splitext(os.path.basename(path))[0]

@@ -15,11 +15,12 @@ from dataclasses import field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 
 from ..clip.loading import BackboneShape  # noqa: F401  (what `validate(shape)` receives)
+from ..errors import UserError
 
 Settings = TypeVar("Settings")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid setting: which one (the field name), its value and what is allowed. Adapters
     name it by their own key through `key_message`."""
 
@@ -104,13 +105,14 @@ def defaults(settings_type: Type, overrides: Optional[Mapping[str, Any]] = None)
     return {f.name.upper(): overrides.get(f.name, f.default) for f in fields(settings_type)}
 
 
-def describe(settings_type: Type, key_of=str.upper) -> List[str]:
-    """One line per setting: key, default, help, allowed values."""
+def describe(settings_type: Type, key_of=str.upper, overrides: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """One line per setting: key, default (with `overrides` applied), help, allowed values."""
+    values = defaults(settings_type, overrides)
     lines = []
     for f in fields(settings_type):
         meta = f.metadata
         allowed = f" (one of {', '.join(map(str, meta['choices']))})" if meta.get("choices") else ""
-        lines.append(f"{key_of(f.name)} = {f.default!r}: {meta.get('help', '')}{allowed}")
+        lines.append(f"{key_of(f.name)} = {values[f.name.upper()]!r}: {meta.get('help', '')}{allowed}")
     return lines
 
 
