@@ -21,7 +21,7 @@ import datasets  # noqa: F401  registers the CoOp datasets
 import trainers  # noqa: F401  registers the trainers
 from trainers.clip_prompt import ClipPromptTrainer
 from trainers.config import extend_cfg
-from vlprompt.errors import InvalidValue, UserError, report_user_errors
+from vlprompt.errors import InvalidValue, report_user_errors
 from vlprompt.files import exclusive_folder
 from vlprompt.methods.registry import get_method
 from vlprompt.methods.settings import closest, describe
@@ -81,7 +81,7 @@ def explained(err: Exception, cfg, source: str) -> ConfigFileError:
         key = unknown.group(1)
         hint = closest(key, config_keys(cfg))
         return ConfigFileError(f"{source}: unknown config key {key}" + (f" (did you mean {' or '.join(hint)}?)" if hint
-                               else "") + f". `python train.py --trainer NAME --help-config` lists a method's keys.")
+                               else "") + ". `python train.py --trainer NAME --help-config` lists a method's keys.")
     mismatch = re.match(r"Type mismatch \((.+?) vs\. (.+?)\) with values \((.*) vs\. (.*)\) for config key: (\S+)",
                         text, re.S)
     if mismatch:
