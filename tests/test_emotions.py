@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import requires_dassl, write_workspace
-from helpers import build_dataset, make_cfg, run
+from helpers import accuracies, build_dataset, make_cfg, run
 
 pytestmark = requires_dassl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,14 +121,25 @@ def emotion_data(tmp_path_factory):
     return write_workspace(tmp_path_factory.mktemp("emotions"), {"FER2013": (7, (6, 2, 3)), "RAFDB": (7, (6, 2, 3))})
 
 
-def test_edgecnn_trainer_trains_and_tests_with_ten_crops(emotion_data):
+def edgecnn_command(data, out, dataset="fer2013", *options, model_dir=None):
+    """train.py for EdgeCNN; with `model_dir`, an evaluation of the model there."""
+    config = "fer2013" if dataset == "fer2013" else "rafdb"
+    evaluate = ["--eval-only", "--model-dir", str(model_dir)] if model_dir else []
+    return [os.sys.executable, os.path.join(ROOT, "train.py"), *evaluate, "--root", str(data), "--seed", "1",
+            "--trainer", "EdgeCNN", "--dataset-config-file", os.path.join(ROOT, f"configs/datasets/{dataset}.yaml"),
+            "--config-file", os.path.join(ROOT, f"configs/trainers/EdgeCNN/{config}.yaml"), "--output-dir", str(out),
+            "OPTIM.MAX_EPOCH", "3", "OPTIM.LR", "0.05", "DATALOADER.NUM_WORKERS", "0",
+            "DATALOADER.TRAIN_X.BATCH_SIZE", "14", *options]
+
+
+@pytest.fixture(scope="module")
+def edgecnn_run(emotion_data):
     out = emotion_data / "edgecnn"
-    cmd = [os.sys.executable, os.path.join(ROOT, "train.py"), "--root", str(emotion_data / "data"), "--seed", "1",
-           "--trainer", "EdgeCNN", "--dataset-config-file", os.path.join(ROOT, "configs/datasets/fer2013.yaml"),
-           "--config-file", os.path.join(ROOT, "configs/trainers/EdgeCNN/fer2013.yaml"), "--output-dir", str(out),
-           "OPTIM.MAX_EPOCH", "3", "OPTIM.LR", "0.05", "DATALOADER.NUM_WORKERS", "0",
-           "DATALOADER.TRAIN_X.BATCH_SIZE", "14", "MODEL.FEATURE_CACHE_DIR", str(emotion_data / "cache")]
-    proc = run(cmd)
+    return out, run(edgecnn_command(emotion_data / "data", out))
+
+
+def test_edgecnn_trainer_trains_and_tests_with_ten_crops(edgecnn_run):
+    out, proc = edgecnn_run
     assert "EdgeCNN parameters: 418,487" in proc.stdout
     assert "* total: 21" in proc.stdout  # PrivateTest: 7 classes x 3, each ten-cropped
     assert "Evaluate on the *val* set" in proc.stdout  # model selection on PublicTest
@@ -136,6 +147,54 @@ def test_edgecnn_trainer_trains_and_tests_with_ten_crops(emotion_data):
     from benchmarks.edge_report import load_trained_edgecnn
     model = load_trained_edgecnn(str(out / "model" / "model.pth.tar-3"))
     assert sum(p.numel() for p in model.parameters()) == 418_487
+
+
+def write_release_t7(folder, state_dict, pickled_module=False):
+    """`<dataset>_EdgeCNN/PrivateTest_model.t7` as the release's training script saves it: our
+    weights under the release's layer names (from the fixture frozen from its code), in order."""
+    import collections
+    import torch
+    from helpers import load_fixture
+    names = [name for name, _, _ in load_fixture("edgecnn")["t7"]["FER2013"]["state_dict"]]
+    net = collections.OrderedDict(zip(names, state_dict.values()))
+    if pickled_module:  # a CPU-only run of the release pickles its module itself: one with its names
+        module = torch.nn.Module()
+        for name, value in net.items():
+            *path, leaf = name.split(".")
+            parent = module
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            parent.register_buffer(leaf, value.clone())
+        net = module
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"net": net, "best_PrivateTest_acc": 71.8, "best_PrivateTest_acc_epoch": 263},
+               folder / "PrivateTest_model.t7")
+    return folder
+
+
+def test_release_t7_models_evaluate_like_ours_and_raf_needs_fer_order(edgecnn_run, emotion_data):
+    import torch
+    out, _ = edgecnn_run
+    ours = torch.load(out / "model" / "model-best.pth.tar", weights_only=True)["state_dict"]
+    release = write_release_t7(emotion_data / "FER2013_EdgeCNN", ours)
+    data = emotion_data / "data"
+    ours_eval = run(edgecnn_command(data, emotion_data / "eval_ours", model_dir=out))
+    release_eval = run(edgecnn_command(data, emotion_data / "eval_release", model_dir=release))
+    assert "is a checkpoint of the official release (best PrivateTest accuracy 71.8 at epoch 263)" in release_eval.stdout
+    assert accuracies(release_eval.stdout) == accuracies(ours_eval.stdout) and accuracies(ours_eval.stdout)
+    refused = run(edgecnn_command(data, emotion_data / "raf_eval", "rafdb", model_dir=release),
+                  expect_ok=False)
+    assert refused.returncode == 2 and "set DATASET.RAF_LABEL_ORDER fer" in refused.stderr
+    raf = run(edgecnn_command(data, emotion_data / "raf_eval", "rafdb", "DATASET.RAF_LABEL_ORDER", "fer", model_dir=release))
+    assert accuracies(raf.stdout)
+    pickled = write_release_t7(emotion_data / "CPU_EdgeCNN", ours, pickled_module=True)
+    refused = run(edgecnn_command(data, emotion_data / "cpu_eval", model_dir=pickled),
+                  expect_ok=False)
+    assert refused.returncode == 2 and "set MODEL.TRUST_RELEASE_CHECKPOINT True" in refused.stderr
+    trusted = run(edgecnn_command(data, emotion_data / "cpu_eval", "fer2013", "MODEL.TRUST_RELEASE_CHECKPOINT", "True", model_dir=pickled))
+    assert accuracies(trusted.stdout) == accuracies(ours_eval.stdout)
 
 
 def test_clip_trainers_run_on_the_emotion_datasets(emotion_data):

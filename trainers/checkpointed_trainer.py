@@ -224,7 +224,7 @@ class CheckpointedTrainer(TrainerX):
                 path = latest_checkpoint(folder)  # no best_val selection: the latest checkpoint
         if not osp.isfile(path):
             raise CheckpointError(f"No checkpoint at {path} (--model-dir {directory}, --load-epoch {epoch}). "
-                                    f"Train first, or point --model-dir at the training output folder.")
+                                  f"Train first, or point --model-dir at the training output folder.")
         return path
 
     def load_model(self, directory, epoch=None):

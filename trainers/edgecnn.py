@@ -4,6 +4,8 @@ Cross-entropy; SGD (OPTIM.*); lr constant up to epoch DECAY_START, then x DECAY_
 DECAY_EVERY epochs; element-wise gradient clamp; random 44 crop of the 48 px face + flip for
 training, and the ten-crop test (corners, centre and their flips) with averaged logits.
 """
+import os.path as osp
+
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -16,7 +18,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vlprompt.methods import settings as method_settings
 from vlprompt.errors import InvalidValue
-from vlprompt.methods.edgecnn import EdgeCNN as EdgeCNNNet, EdgeCNNSettings, ten_crop_logits
+from vlprompt.files import CheckpointError, load_strict, read_checkpoint
+from vlprompt.methods.edgecnn import (RELEASE_FILE, EdgeCNN as EdgeCNNNet, EdgeCNNSettings, convert_release_state_dict,
+                                      is_release_state_dict, ten_crop_logits)
 
 from .checkpointed_trainer import CheckpointedTrainer
 from .schedule import EpochTable
@@ -95,6 +99,9 @@ class EdgeCNN(CheckpointedTrainer):
         self.model = SimpleNet(cfg, cfg.MODEL, self.num_classes, init=settings.init)
         if settings.init == "he":
             torch.nn.init.zeros_(self.model.classifier.bias)  # as the backbone's own linear layers
+        if cfg.MODEL.INIT_WEIGHTS:
+            load_strict(self.model, self.load_state_for("model", cfg.MODEL.INIT_WEIGHTS)["state_dict"],
+                        cfg.MODEL.INIT_WEIGHTS)
         self.model.to(self.device)
         print(f"EdgeCNN parameters: {sum(p.numel() for p in self.model.parameters()):,}, {settings}")
         self.optim = build_optimizer(self.model, cfg.OPTIM)
@@ -102,6 +109,35 @@ class EdgeCNN(CheckpointedTrainer):
                                      settings.decay_rate)
         self.sched = LambdaLR(self.optim, lr_lambda=[EpochTable(factors) for _ in self.optim.param_groups])
         self.register_model("model", self.model, self.optim, self.sched)
+
+    def checkpoint_path(self, directory, name, epoch=None):
+        """Ours, or the release's PrivateTest_model.t7 when --model-dir is its output folder."""
+        release = osp.join(directory, RELEASE_FILE)
+        if epoch is None and osp.isfile(release) and not osp.isdir(osp.join(directory, name)):
+            return release
+        return super().checkpoint_path(directory, name, epoch)
+
+    def load_state_for(self, name, path):
+        """Our checkpoints, or the release's .t7 (its layer names mapped by position; a pickled
+        module only with MODEL.TRUST_RELEASE_CHECKPOINT True)."""
+        state = read_checkpoint(path, trust_pickle=self.cfg.MODEL.TRUST_RELEASE_CHECKPOINT,
+                                trust_key="MODEL.TRUST_RELEASE_CHECKPOINT")
+        if "net" not in state:
+            return state
+        net = state["net"]
+        net = net.state_dict() if isinstance(net, torch.nn.Module) else net
+        if not is_release_state_dict(net):
+            raise CheckpointError(f"{path} holds no EdgeCNN release weights")
+        if self.cfg.DATASET.NAME == "RAFDB" and self.cfg.DATASET.RAF_LABEL_ORDER != "fer":
+            raise InvalidValue(f"{path} is a release model, whose classes are in FER-2013's order (its RAF-DB "
+                               f"models too): set DATASET.RAF_LABEL_ORDER fer")
+        weights = convert_release_state_dict(net, self.num_classes)
+        print(f"{path} is a checkpoint of the official release (best PrivateTest accuracy "
+              f"{state.get('best_PrivateTest_acc')} at epoch {state.get('best_PrivateTest_acc_epoch')}): "
+              f"its layer names mapped by position")
+        # SimpleNet holds the network's features under backbone.net, its classifier beside it
+        ours = {(k if k.startswith("classifier.") else f"backbone.net.{k}"): v for k, v in weights.items()}
+        return {"state_dict": ours, "epoch": state.get("best_PrivateTest_acc_epoch")}
 
     def forward_backward(self, batch):
         images, labels = self.parse_batch_train(batch)

@@ -7,12 +7,13 @@ The toolkit's sibling system: CLIP prompt learning and EdgeCNN run on the same e
 """
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Dict, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .registry import register_method
+from ..files import CheckpointError
+from .registry import ReleaseCheckpoint, register_method
 from .settings import option
 
 EMOTIONS_FER = ("angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral")
@@ -106,5 +107,33 @@ def ten_crop_logits(model: nn.Module, crops: Tensor) -> Tensor:
     return logits.view(batch, n_crops, -1).mean(dim=1)
 
 
+# ---- the release's checkpoints ---------------------------------------------------------------
+# Its training scripts save `<dataset>_EdgeCNN/PrivateTest_model.t7` = {"net": state dict (or, from
+# a CPU-only run, the pickled module), "best_PrivateTest_acc", "best_PrivateTest_acc_epoch"}. Its
+# layers are ours in the same order and shapes (features.conv0, features.dense{s}_{j}.denselayer
+# {s}_{j}.{conv0,norm0,conv1,norm1}, classifier), so names map by position. Its class order is
+# FER-2013's, RAF-DB's models included (its preprocessing remaps RAF-DB's labels).
+RELEASE_FILE = "PrivateTest_model.t7"
+
+
+def is_release_state_dict(keys: Iterable[str]) -> bool:
+    return any(k.startswith(("features.conv0.", "module.features.conv0.")) for k in keys)
+
+
+def convert_release_state_dict(release_state: Dict[str, Tensor], num_classes: int = 7) -> Dict[str, Tensor]:
+    """The release's EdgeCNN state dict -> ours (EdgeCNN(num_classes) names), by position."""
+    ours = EdgeCNN(num_classes=num_classes).state_dict()
+    release = list(release_state.items())
+    if len(release) != len(ours):
+        raise CheckpointError(f"{len(release)} tensors in the release state dict, {len(ours)} in EdgeCNN({num_classes})")
+    converted = {}
+    for (name, expected), (key, value) in zip(ours.items(), release):
+        if tuple(value.shape) != tuple(expected.shape):
+            raise CheckpointError(f"release tensor {key} {tuple(value.shape)} does not fit {name} {tuple(expected.shape)}")
+        converted[name] = value
+    return converted
+
+
 register_method("EdgeCNN", settings=EdgeCNNSettings, model=EdgeCNN, checkpoint_folder="model",
-                default_configs={"train": "{dataset}"}, doc="docs/edgecnn.md")
+                default_configs={"train": "{dataset}"}, doc="docs/edgecnn.md",
+                release_checkpoint=ReleaseCheckpoint(is_release_state_dict, convert_release_state_dict))
