@@ -43,7 +43,7 @@ def test_pickled_release_checkpoint_needs_explicit_trust(tiny_clip, tmp_path):
 def test_mismatched_configuration_names_the_keys(tiny_clip):
     deeper = build_hicropl(tiny_clip, prompt_depth=3, cross_layer=2)
     converted = convert_release_state_dict(release_state_dict(deeper, tiny_clip))
-    with pytest.raises(ValueError, match="missing keys.*visual_proxies.1"):
+    with pytest.raises(CheckpointError, match="missing keys.*visual_proxies.1"):
         load_strict(build_hicropl(tiny_clip, prompt_depth=3, cross_layer=1).prompt_learner, converted, "ckpt")
 
 

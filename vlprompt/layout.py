@@ -1,6 +1,7 @@
 """Where each run writes (CoOp/MaPLe/PromptSRC's output layout) and the papers' dataset lists.
 vlprompt.run writes runs there; the sweep (to skip and order runs) and the report (to read them)
 go through the same functions."""
+import os
 
 # The 11 base-to-new datasets in the papers' order, the cross-dataset targets (ImageNet is the
 # source) and the domain-generalisation targets (ImageNet's variants).
@@ -8,6 +9,13 @@ BASE2NEW_DATASETS = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "
                      "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
 XD_TARGETS = [d for d in BASE2NEW_DATASETS if d != "imagenet"]
 DG_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+
+
+def config_name(cfg: str) -> str:
+    """The name a config has in run folders: a config name as it is, a .yaml path by its stem."""
+    if cfg.endswith((".yaml", ".yml")):
+        return os.path.splitext(os.path.basename(cfg))[0]
+    return cfg
 
 
 def base2new(output: str, stage: str, dataset: str, trainer: str, cfg: str, seed: int) -> str:

@@ -178,7 +178,7 @@ def _default_cfg(spec: str, trainer: str, task: str) -> str:
         raise ReportError(f"--method {spec}: give its config as {trainer}/CFG (the config folder name in "
                           f"its run folders)")
     try:
-        return method.config_for(task)
+        return layout.config_name(method.config_for(task))
     except KeyError:
         raise ReportError(f"--method {spec}: {trainer} has no {task} runs; drop it") from None
 

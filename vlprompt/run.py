@@ -92,7 +92,7 @@ def resolve_config(spec: MethodSpec, family: str, dataset: str, cfg: str) -> Tup
     if cfg.endswith((".yaml", ".yml")):
         if not os.path.isfile(cfg):
             raise UsageError(f"CFG={cfg}: no such file")
-        return os.path.splitext(os.path.basename(cfg))[0], os.path.abspath(cfg)
+        return layout.config_name(cfg), os.path.abspath(cfg)
     path = os.path.join(REPO, "configs", "trainers", spec.name, f"{cfg}.yaml")
     if not os.path.isfile(path):
         folder = os.path.dirname(path)

@@ -289,10 +289,9 @@ def main(argv=None) -> int:
         cfg = args.cfg or spec.config_for(args.task)
     except KeyError as err:
         raise SystemExit(err.args[0])
-    if cfg.endswith((".yaml", ".yml")):  # a config file outside configs/: folders are named by its stem
-        cfg = os.path.splitext(os.path.basename(cfg))[0]
     datasets = default_datasets(args.task) if args.datasets == ["all"] else args.datasets
-    grid = Grid(args.task, args.trainer, cfg, args.output, datasets, args.seeds, args.shots, args.source)
+    grid = Grid(args.task, args.trainer, layout.config_name(cfg), args.output, datasets, args.seeds, args.shots,
+                args.source)
     runs = grid.expand()
     todo = [r for r in runs if not r.finished()]
     env = job_env(grid, args.data or "", args.cfg or cfg)
