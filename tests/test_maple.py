@@ -121,7 +121,7 @@ def test_logits_and_loss_match_the_release_without_its_casts(tiny_b_clip, case_n
     torch.testing.assert_close(logits, expected["eval_logits"], rtol=0, atol=LOGIT_TOL)
     loss, train_logits, _ = model.train().loss(inputs["images"], inputs["labels"])
     torch.testing.assert_close(train_logits.detach(), expected["train_logits"], rtol=0, atol=LOGIT_TOL)
-    assert abs(float(loss) - float(expected["loss"])) <= loss_tol(LOGIT_TOL, expected["loss"])
+    assert abs(loss.item() - float(expected["loss"])) <= loss_tol(LOGIT_TOL, expected["loss"])
 
 
 def test_logits_and_loss_against_the_release_as_shipped(tiny_b_clip):
@@ -136,7 +136,7 @@ def test_logits_and_loss_against_the_release_as_shipped(tiny_b_clip):
     torch.testing.assert_close(rounded, shipped["eval_logits"], rtol=0, atol=LOGIT_TOL)
     assert float((ours - shipped["eval_logits"]).abs().max()) > LOGIT_TOL  # the casts are visible
     loss = model.train().loss(inputs["images"], inputs["labels"])[0]
-    assert abs(float(loss) - float(shipped["loss"])) <= loss_tol(AS_SHIPPED_LOGIT_TOL, shipped["loss"])
+    assert abs(loss.item() - float(shipped["loss"])) <= loss_tol(AS_SHIPPED_LOGIT_TOL, shipped["loss"])
     rounded_loss = F.cross_entropy(rounded, inputs["labels"])
     assert abs(float(rounded_loss) - float(shipped["loss"])) <= loss_tol(LOGIT_TOL, shipped["loss"])
 
@@ -239,6 +239,25 @@ def test_deep_projections_start_as_copies_of_one_linear_yet_learn_apart(tiny_cli
     with torch.no_grad():
         first.weight.add_(1.0)
     assert not torch.equal(first.weight, second.weight)
+
+
+def test_vit_b16_learner_at_the_release_defaults_has_the_papers_parameter_count():
+    """N_CTX 2, PROMPT_DEPTH 9, 512 -> 768: 3.55M parameters (the paper's Table 7)."""
+    from vlprompt.clip.loading import architecture_shape
+    shape = architecture_shape("ViT-B/16")
+    settings = MaPLeSettings()
+    settings.validate(shape)
+    learner = MaPLePromptLearner(settings.n_ctx, settings.prompt_depth, shape.text_width, shape.vision_width)
+    linear = 512 * 768 + 768
+    assert sum(p.numel() for p in learner.parameters()) == 9 * (2 * 512) + 9 * linear == 3_555_072
+
+
+def test_vit_l14_depth_is_limited_by_its_12_text_layers():
+    from vlprompt.clip.loading import architecture_shape
+    shape = architecture_shape("ViT-L/14")
+    MaPLeSettings(prompt_depth=12).validate(shape)
+    with pytest.raises(ConfigError, match=r"must be in \[1, 12\].*12 text and 24 vision layers"):
+        MaPLeSettings(prompt_depth=13).validate(shape)
 
 
 def test_every_trainable_tensor_gets_a_gradient_and_clip_stays_frozen(tiny_clip):
