@@ -201,6 +201,20 @@ def test_release_state_dicts_are_recognised_and_converted(tiny_clip):
 
 
 # ---- with Dassl ---------------------------------------------------------------------------------
+@requires_dassl
+def test_config_nodes_are_the_releases():
+    """TRAINER.COOP and TRAINER.COCOOP: the release's keys (fixture configs) and its defaults
+    (its train.py extend_cfg), PREC included."""
+    from dassl.config import get_cfg_default
+    from trainers.config import extend_cfg
+    cfg = extend_cfg(get_cfg_default())
+    assert dict(cfg.TRAINER.COOP) == {"N_CTX": 16, "CSC": False, "CTX_INIT": "", "CLASS_TOKEN_POSITION": "end",
+                                      "PREC": "fp16"}
+    assert dict(cfg.TRAINER.COCOOP) == {"N_CTX": 16, "CTX_INIT": "", "PREC": "fp16"}
+    for method, node in (("coop", cfg.TRAINER.COOP), ("cocoop", cfg.TRAINER.COCOOP)):
+        assert all(set(case["config"]) == set(node) for case in load_fixture(method)["cases"].values())
+
+
 def vlprompt_run(env, *args):
     proc = subprocess.run([sys.executable, "-m", "vlprompt.run", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -8,6 +8,7 @@ muzairkhattak/multimodal-prompt-learning, KaiyangZhou/CoOp): one context for all
 per class (CSC), the class name at the end, in the middle or in front of the context, and
 CTX_INIT, whose words give both the initial context and its length.
 """
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
@@ -23,7 +24,11 @@ from .registry import ReleaseCheckpoint, register_method
 from .settings import BackboneShape, ConfigError, checked, option
 
 POSITIONS = ("end", "middle", "front")
-_TOKENIZER = SimpleTokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer() -> SimpleTokenizer:
+    return SimpleTokenizer()  # reads CLIP's BPE vocabulary: only when a class position needs it
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ def context_length(n_ctx: int, ctx_init: str) -> int:
 
 def name_lengths(classnames: Sequence[str]) -> Tensor:
     """[C] BPE tokens of each class name, without the final "." (the release's name_lens)."""
-    return torch.tensor([len(_TOKENIZER.encode(readable_name(c))) for c in classnames])
+    return torch.tensor([len(_tokenizer().encode(readable_name(c))) for c in classnames])
 
 
 def class_token_order(position: str, n_ctx: int, name_lens: Tensor) -> Tensor:
