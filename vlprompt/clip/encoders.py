@@ -6,6 +6,9 @@ Positions (as in VPT-deep / MaPLe / HiCroPL):
   image  [CLS, patches] + positional embedding, then P_0 appended, then ln_pre; before layer
          i >= 1 the last n tokens are replaced by P_i.
 A layer given no prompt keeps what the previous layer produced at those positions.
+The text side also takes, for first-layer prompts only: a per-sequence rearrangement of
+[SOS, P_0, class tokens, ...] (`order`: CoOp's class name in front of or inside the context), and
+G contexts for the same classes at once (`encode_per_context`: CoCoOp's one context per image).
 
 Each encoder exposes embed / run_layer / prompt_states / features so that a method can step
 several streams in lockstep and exchange information between layers (`run_lockstep`).
@@ -14,9 +17,10 @@ from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import residual_block, residual_block_shared_prefix
+from .ops import _merge_heads, _prefix_mask, _qkv, residual_block, residual_block_shared_prefix
 
 Prompt = Optional[Tensor]  # [n, D] shared by the batch, or [N, n, D] one per sequence
 
@@ -71,7 +75,10 @@ class PromptedTextEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.blocks[0].attn.in_proj_weight.dtype
 
-    def embed(self, token_ids: Tensor, prompt: Prompt = None) -> TextState:
+    def embed(self, token_ids: Tensor, prompt: Prompt = None, order: Optional[Tensor] = None) -> TextState:
+        """`order` [C, 77] (optional): sequence c is [SOS, prompt, rest][order[c]] (a per-sequence
+        rearrangement, e.g. CoOp's class name before or inside the context); EOT stays in place.
+        Rearranged prompts are no common prefix: the shared-prefix shortcut is then off."""
         eot = token_ids.argmax(dim=-1)  # EOT has the largest id
         n = 0 if prompt is None else prompt.shape[-2]
         if n and int(eot.min()) <= n:
@@ -82,8 +89,10 @@ class PromptedTextEncoder(nn.Module):
         x = self.token_embedding(token_ids[:, :length]).to(self.dtype)
         if n:
             x = torch.cat([x[:, :1], _as_batch(prompt.to(self.dtype), x.shape[0]), x[:, 1 + n:]], dim=1)
+        if order is not None:
+            x = _rearranged(x, order, eot)
         x = x + self.positional_embedding[:length].to(self.dtype)
-        if n and self.shared_prefix:
+        if n and self.shared_prefix and order is None:
             prefix = x[:1, :1 + n] if prompt.dim() == 2 else x[:, :1 + n]
             return TextState(prefix=prefix, body=x[:, 1 + n:], eot=eot, n_prompt=n)
         return TextState(prefix=None, body=x, eot=eot, n_prompt=n)
@@ -107,7 +116,10 @@ class PromptedTextEncoder(nn.Module):
             state = self._replace_prompt(state, prompt)
         block = self.blocks[i]
         if state.prefix is not None:
-            prefix, body = residual_block_shared_prefix(block, state.prefix, state.body)
+            if state.prefix.shape[0] in (1, state.body.shape[0]):
+                prefix, body = residual_block_shared_prefix(block, state.prefix, state.body)
+            else:  # one prefix per group of sequences (embed_per_context)
+                prefix, body = residual_block_grouped_prefix(block, state.prefix, state.body)
             return replace(state, prefix=prefix, body=body)
         return replace(state, body=residual_block(block, state.body, causal=True))
 
@@ -123,13 +135,41 @@ class PromptedTextEncoder(nn.Module):
         x = state.body[rows, state.eot - offset]
         return self.ln_final(x) @ self.text_projection.to(x.dtype)
 
-    def forward(self, token_ids: Tensor, prompts: Sequence[Prompt] = ()) -> Tensor:
-        """Features of `token_ids` [C, 77]; prompts[i] (if any) enters before layer i."""
+    def forward(self, token_ids: Tensor, prompts: Sequence[Prompt] = (), order: Optional[Tensor] = None) -> Tensor:
+        """Features of `token_ids` [C, 77]; prompts[i] (if any) enters before layer i; `order`
+        rearranges the first layer's sequences (see `embed`; first-layer prompts only)."""
         prompts = _check_depth(prompts, self.depth, "text")
-        state = self.embed(token_ids, prompts[0] if prompts else None)
+        if order is not None and len(prompts) > 1:
+            raise ValueError("deep prompts replace positions 1..n: they cannot follow a rearranged first layer")
+        state = self.embed(token_ids, prompts[0] if prompts else None, order=order)
         for i in range(self.depth):
             state = self.run_layer(i, state, prompts[i] if 0 < i < len(prompts) else None)
         return self.features(state)
+
+    def embed_per_context(self, token_ids: Tensor, contexts: Tensor) -> TextState:
+        """Every sequence of `token_ids` [C, 77] with each of G first-layer contexts [G, n, D] at
+        positions 1..n: G*C sequences, context-major (row g*C + c). With the shared-prefix
+        shortcut, [SOS, context g] is computed once for its C sequences."""
+        groups, n = contexts.shape[0], contexts.shape[1]
+        state = self.embed(token_ids, contexts[0])  # context 0 places the class tokens and EOT
+        contexts = contexts.to(self.dtype) + self.positional_embedding[1:1 + n].to(self.dtype)  # [G, n, D]
+        eot = state.eot.repeat(groups)
+        if state.prefix is not None:
+            prefix = torch.cat([state.prefix[:, :1].expand(groups, -1, -1), contexts], dim=1)  # [G, 1+n, D]
+            body = state.body.expand(groups, -1, -1, -1).flatten(0, 1)  # the C class bodies per context
+            return TextState(prefix=prefix, body=body, eot=eot, n_prompt=n)
+        x = state.body.expand(groups, -1, -1, -1)  # [G, C, L, D]: the release's G*C whole sequences
+        x = torch.cat([x[:, :, :1], contexts.unsqueeze(1).expand(-1, x.shape[1], -1, -1), x[:, :, 1 + n:]], dim=2)
+        return TextState(prefix=None, body=x.flatten(0, 1), eot=eot, n_prompt=n)
+
+    def encode_per_context(self, token_ids: Tensor, contexts: Tensor) -> Tensor:
+        """[G, C, E]: features of the C sequences with each of G first-layer contexts [G, n, D]
+        (CoCoOp: one context per image). Each group is computed as `forward(token_ids, [context])`
+        would compute it."""
+        state = self.embed_per_context(token_ids, contexts)
+        for i in range(self.depth):
+            state = self.run_layer(i, state)
+        return self.features(state).view(contexts.shape[0], token_ids.shape[0], -1)
 
 
 class PromptedImageEncoder(nn.Module):
@@ -201,6 +241,40 @@ class PromptedImageEncoder(nn.Module):
         for i in range(self.depth):
             state = self.run_layer(i, state, prompts[i] if 0 < i < len(prompts) else None)
         return self.features(state)
+
+
+def _rearranged(x: Tensor, order: Tensor, eot: Tensor) -> Tensor:
+    """x [C, L, D] with sequence c's tokens taken in order[c] [77] (cut to L)."""
+    length = x.shape[1]
+    if order.dim() != 2 or order.shape[0] != x.shape[0] or order.shape[1] < length:
+        raise ValueError(f"order {tuple(order.shape)} does not fit {x.shape[0]} sequences of {length} tokens")
+    order = order[:, :length].to(x.device)
+    rows = torch.arange(x.shape[0], device=x.device)
+    if bool((order >= length).any()) or not torch.equal(order[rows, eot], eot.to(x.device)):
+        raise ValueError("order must rearrange tokens before each sequence's EOT and keep the EOT in place")
+    return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def residual_block_grouped_prefix(block: nn.Module, prefix: Tensor, suffix: Tensor):
+    """`ops.residual_block_shared_prefix` with G prefixes [G, Lp, D], prefix g shared by the
+    suffixes g*M .. g*M+M-1 of suffix [G*M, Ls, D]: each prefix is computed once for its group.
+    Equal to `residual_block` on each concatenation [prefix g; suffix]."""
+    attn = block.attn
+    groups, n = prefix.shape[0], suffix.shape[0]
+    if n % groups:
+        raise ValueError(f"{n} sequences do not split into {groups} groups")
+    qp, kp, vp = _qkv(attn, block.ln_1(prefix))
+    qs, ks, vs = _qkv(attn, block.ln_1(suffix))
+    prefix_out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+    keys = torch.cat([kp.repeat_interleave(n // groups, dim=0), ks], dim=2)
+    values = torch.cat([vp.repeat_interleave(n // groups, dim=0), vs], dim=2)
+    mask = _prefix_mask(prefix.shape[1], suffix.shape[1], suffix.device)
+    suffix_out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
+    prefix = prefix + attn.out_proj(_merge_heads(prefix_out))
+    suffix = suffix + attn.out_proj(_merge_heads(suffix_out))
+    prefix = prefix + block.mlp(block.ln_2(prefix))
+    suffix = suffix + block.mlp(block.ln_2(suffix))
+    return prefix, suffix
 
 
 def _check_depth(prompts: Sequence[Prompt], depth: int, which: str) -> Sequence[Prompt]:

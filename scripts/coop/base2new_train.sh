@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# CoOp. Base-to-new, step 1: train on the base half of the classes (16 shots).
+# usage: DATA=/path/to/datasets bash scripts/coop/base2new_train.sh DATASET SEED [CONFIG OPTIONS...]
+# (scripts/coop/ is a folder, not a link to scripts/method/, for the release's main.sh and eval.sh.)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" exec python -m vlprompt.run base2new_train --scripts-folder coop "$@"
