@@ -17,10 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import _merge_heads, _prefix_mask, _qkv, residual_block, residual_block_shared_prefix
+from .ops import residual_block, residual_block_shared_prefix
 
 Prompt = Optional[Tensor]  # [n, D] shared by the batch, or [N, n, D] one per sequence
 
@@ -115,11 +114,8 @@ class PromptedTextEncoder(nn.Module):
         if prompt is not None:
             state = self._replace_prompt(state, prompt)
         block = self.blocks[i]
-        if state.prefix is not None:
-            if state.prefix.shape[0] in (1, state.body.shape[0]):
-                prefix, body = residual_block_shared_prefix(block, state.prefix, state.body)
-            else:  # one prefix per group of sequences (embed_per_context)
-                prefix, body = residual_block_grouped_prefix(block, state.prefix, state.body)
+        if state.prefix is not None:  # one prefix for all, one each, or one per group (embed_per_context)
+            prefix, body = residual_block_shared_prefix(block, state.prefix, state.body)
             return replace(state, prefix=prefix, body=body)
         return replace(state, body=residual_block(block, state.body, causal=True))
 
@@ -253,28 +249,6 @@ def _rearranged(x: Tensor, order: Tensor, eot: Tensor) -> Tensor:
     if bool((order >= length).any()) or not torch.equal(order[rows, eot], eot.to(x.device)):
         raise ValueError("order must rearrange tokens before each sequence's EOT and keep the EOT in place")
     return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def residual_block_grouped_prefix(block: nn.Module, prefix: Tensor, suffix: Tensor):
-    """`ops.residual_block_shared_prefix` with G prefixes [G, Lp, D], prefix g shared by the
-    suffixes g*M .. g*M+M-1 of suffix [G*M, Ls, D]: each prefix is computed once for its group.
-    Equal to `residual_block` on each concatenation [prefix g; suffix]."""
-    attn = block.attn
-    groups, n = prefix.shape[0], suffix.shape[0]
-    if n % groups:
-        raise ValueError(f"{n} sequences do not split into {groups} groups")
-    qp, kp, vp = _qkv(attn, block.ln_1(prefix))
-    qs, ks, vs = _qkv(attn, block.ln_1(suffix))
-    prefix_out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-    keys = torch.cat([kp.repeat_interleave(n // groups, dim=0), ks], dim=2)
-    values = torch.cat([vp.repeat_interleave(n // groups, dim=0), vs], dim=2)
-    mask = _prefix_mask(prefix.shape[1], suffix.shape[1], suffix.device)
-    suffix_out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
-    prefix = prefix + attn.out_proj(_merge_heads(prefix_out))
-    suffix = suffix + attn.out_proj(_merge_heads(suffix_out))
-    prefix = prefix + block.mlp(block.ln_2(prefix))
-    suffix = suffix + block.mlp(block.ln_2(suffix))
-    return prefix, suffix
 
 
 def _check_depth(prompts: Sequence[Prompt], depth: int, which: str) -> Sequence[Prompt]:

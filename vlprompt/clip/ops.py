@@ -45,21 +45,33 @@ def _prefix_mask(n_prefix: int, n_suffix: int, device) -> Tensor:
     return keys[None, :] <= queries[:, None] + n_prefix
 
 
-def residual_block_shared_prefix(block: nn.Module, prefix: Tensor, suffix: Tensor):
-    """A causal block over sequences [prefix; suffix] whose prefix is common to all of them.
+def _per_sequence(prefix_part: Tensor, n: int) -> Tensor:
+    """[P, ...] prefix keys or values -> [n, ...]: prefix p serves sequences p*n/P .. (p+1)*n/P - 1."""
+    groups = prefix_part.shape[0]
+    if n % groups:
+        raise ValueError(f"{n} sequences do not split into {groups} groups of one prefix each")
+    if groups == 1:
+        return prefix_part.expand(n, -1, -1, -1)
+    return prefix_part if groups == n else prefix_part.repeat_interleave(n // groups, dim=0)
 
-    prefix [P, Lp, D] with P == 1 (shared) or P == N; suffix [N, Ls, D].
+
+def residual_block_shared_prefix(block: nn.Module, prefix: Tensor, suffix: Tensor):
+    """A causal block over sequences [prefix; suffix] whose prefix is common to groups of them.
+
+    prefix [P, Lp, D]; suffix [N, Ls, D] with N a multiple of P: prefix p is the beginning of
+    sequences p*N/P .. (p+1)*N/P - 1 (P == 1: one prefix for all; P == N: one each; CoCoOp's
+    per-image contexts: one per image for its C classes).
     Under the causal mask the prefix attends only to itself, so it is computed P times instead
-    of N times; each suffix attends to the prefix's keys and values and to its own past.
-    Returns (prefix, suffix) after the block; equal to `residual_block` on the concatenation.
+    of N times; each suffix attends to its prefix's keys and values and to its own past.
+    Returns (prefix, suffix) after the block; equal to `residual_block` on the concatenations.
     """
     attn = block.attn
     n = suffix.shape[0]
     qp, kp, vp = _qkv(attn, block.ln_1(prefix))
     qs, ks, vs = _qkv(attn, block.ln_1(suffix))
     prefix_out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-    keys = torch.cat([kp.expand(n, -1, -1, -1), ks], dim=2)
-    values = torch.cat([vp.expand(n, -1, -1, -1), vs], dim=2)
+    keys = torch.cat([_per_sequence(kp, n), ks], dim=2)
+    values = torch.cat([_per_sequence(vp, n), vs], dim=2)
     mask = _prefix_mask(prefix.shape[1], suffix.shape[1], suffix.device)
     suffix_out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
     prefix = prefix + attn.out_proj(_merge_heads(prefix_out))
