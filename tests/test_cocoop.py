@@ -13,7 +13,7 @@ from coop_family import (FEATURE_TOL, check_against_release, fixture_clip, forwa
                          release_checkpoint_file, run_env, tiny_options, train_py)
 from helpers import accuracies, half_tolerance, images_for, load_fixture, run
 from vlprompt.clip.loading import cast_clip
-from vlprompt.methods import cocoop
+from vlprompt.methods import base
 from vlprompt.methods.cocoop import CoCoOp, CoCoOpSettings
 from vlprompt.methods.coop import convert_release_state_dict, is_release_state_dict
 
@@ -91,7 +91,7 @@ def test_eval_logits_do_not_depend_on_batch_size_order_or_chunking(tiny_clip, mo
         whole = model(images)
         pieces = torch.cat([model(images[i:i + 3]) for i in range(0, 7, 3)])
         shuffled = model(images[perm])
-        monkeypatch.setattr(cocoop, "SEQUENCES_PER_PASS", 2 * len(CLASSES))  # 2 images per pass
+        monkeypatch.setattr(base, "SEQUENCES_PER_PASS", 2 * len(CLASSES))  # 2 images per pass
         chunked = model(images)
     # fp32 rounding of matrix products of other sizes (the release: 1.5e-6, fixtures/releases)
     for other in (pieces, chunked):

@@ -6,7 +6,7 @@ classifies images against them; the base owns the frozen encoders, the logit sca
 first-layer context, the class set, fp32 logits and the once-per-evaluation class cache.
 """
 from contextlib import contextmanager
-from typing import Any, ContextManager, Dict, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, ContextManager, Dict, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,11 @@ from torch import Tensor, nn
 
 from ..clip.encoders import PromptedImageEncoder, PromptedTextEncoder
 from .common import class_token_ids, initial_context, normalize
+
+# Text sequences encoded per pass by methods with per-image class features (images x classes):
+# bounds an evaluation batch's memory (ImageNet's 500 base classes: 16 images per pass) without
+# changing any result.
+SEQUENCES_PER_PASS = 8192
 
 
 class LossOutput(NamedTuple):
@@ -102,10 +107,19 @@ class PromptedCLIPClassifier(nn.Module):
             return normalize(self.image_encoder(images).float())
 
     def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        """exp(logit_scale) * cos(image, text): [B, E] x [C, E] -> [B, C], in fp32 under any autocast."""
+        """exp(logit_scale) * cos(image, text) in fp32 under any autocast: image [B, E] against class
+        features shared by the batch [C, E] or one set per image [B, C, E] -> [B, C]."""
         with torch.autocast(image_features.device.type, enabled=False):
             image, text = normalize(image_features.float()), normalize(text_features.float())
+            if text.dim() == 3:
+                return self.logit_scale.exp().float() * torch.einsum("be,bce->bc", image, text)
             return self.logit_scale.exp().float() * image @ text.t()
+
+    def in_image_chunks(self, compute: Callable[..., Tensor], *per_image: Tensor) -> Tensor:
+        """compute(*chunks) over chunks of the images, concatenated: for methods that encode the
+        classes once per image, so that images x classes stays within SEQUENCES_PER_PASS."""
+        chunk = max(1, SEQUENCES_PER_PASS // len(self.classnames))
+        return torch.cat([compute(*parts) for parts in zip(*(t.split(chunk) for t in per_image))])
 
     def forward(self, images: Tensor, frozen_image_features: Optional[Tensor] = None) -> Tensor:
         """Logits [B, C]."""

@@ -15,15 +15,12 @@ from torch import Tensor, nn
 
 from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
-from .common import MAX_CONTEXT_TOKENS, normalize
+from .common import MAX_CONTEXT_TOKENS
 from .coop import RELEASE_CHECKPOINT, check_ctx_init, context_length
 from .registry import register_method
 from .settings import BackboneShape, checked, option
 
 META_NET_REDUCTION = 16  # hidden width = image feature width // 16 (512 -> 32 -> 512 for ViT-B/16)
-# Prompts encoded per pass (images x classes): bounds the memory of an evaluation batch
-# (ImageNet's 500 base classes: 16 images per pass) without changing any result.
-SEQUENCES_PER_PASS = 8192
 
 
 @dataclass(frozen=True)
@@ -82,19 +79,14 @@ class CoCoOp(PromptedCLIPClassifier):
         return None  # nothing on the class side is independent of the images
 
     def classify(self, images: Tensor, classes: None, frozen_image_features: Optional[Tensor] = None) -> Tensor:
-        """Logits [B, C]: image b against the class features of its own context, in chunks of
-        images that keep images x classes within SEQUENCES_PER_PASS."""
+        """Logits [B, C]: image b against the class features of its own context."""
         image = self.frozen_image_features(images) if frozen_image_features is None else frozen_image_features
-        chunk = max(1, SEQUENCES_PER_PASS // len(self.classnames))
-        return torch.cat([self.logits_per_image(part) for part in image.split(chunk)])
+        return self.in_image_chunks(self.logits_per_image, image)
 
     def logits_per_image(self, image_features: Tensor) -> Tensor:
         """[B, C]: exp(logit_scale) * cos(f_b, t_bc), t_b the class features of image b's context."""
         contexts = self.prompt_learner(image_features)  # [B, n, D]
-        text = self.text_encoder.encode_per_context(self.token_ids, contexts)  # [B, C, E]
-        with torch.autocast(image_features.device.type, enabled=False):
-            image, text = normalize(image_features.float()), normalize(text.float())
-            return self.logit_scale.exp().float() * torch.einsum("be,bce->bc", image, text)
+        return self.logits(image_features, self.text_encoder.encode_per_context(self.token_ids, contexts))
 
 
 register_method(
