@@ -18,7 +18,7 @@ def grads_after_one_step(model, images):
     return {n: p.grad for n, p in model.prompt_learner.named_parameters()}
 
 
-@pytest.mark.parametrize("fusing", ["none", "mean"])
+@pytest.mark.parametrize("fusing", ["per_image", "image_free", "mean"])
 def test_text_update_on_every_cmpa_side_gets_a_gradient(tiny_clip, fusing):
     model = build_dcp(tiny_clip, fusing=fusing)
     grads = grads_after_one_step(model, images_for(tiny_clip))
@@ -26,7 +26,7 @@ def test_text_update_on_every_cmpa_side_gets_a_gradient(tiny_clip, fusing):
     assert [n for n, g in grads.items() if g is None or not g.abs().sum() > 0] == []
 
 
-@pytest.mark.parametrize("fusing", ["none", "mean"])
+@pytest.mark.parametrize("fusing", ["per_image", "image_free", "mean"])
 def test_text_update_off_leaves_the_text_side_without_gradient(tiny_clip, fusing):
     model = build_dcp(tiny_clip, fusing=fusing, text_update=False)
     grads = grads_after_one_step(model, images_for(tiny_clip))
@@ -37,19 +37,39 @@ def test_text_update_off_leaves_the_text_side_without_gradient(tiny_clip, fusing
             assert grad is not None and grad.abs().sum() > 0, name
 
 
-def test_fusing_none_predictions_do_not_depend_on_the_batch(tiny_clip):
-    model = build_dcp(tiny_clip).eval()
+@pytest.mark.parametrize("fusing", ["per_image", "image_free"])
+def test_predictions_do_not_depend_on_the_batch(tiny_clip, fusing, monkeypatch):
+    from vlprompt.methods import base
+    model = build_dcp(tiny_clip, fusing=fusing).eval()
     images = images_for(tiny_clip, batch=7)
     perm = torch.randperm(7, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         whole = model(images)
         pieces = torch.cat([model(images[i:i + 3]) for i in range(0, 7, 3)])
         shuffled = model(images[perm])
-        with model.evaluation():  # the classes encoded once, then images alone
+        with model.evaluation():  # image_free: the classes encoded once, then images alone
             cached = model(images)
-    torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(base, "SEQUENCES_PER_PASS", 2 * len(DCP_CLASSES))  # per_image: 2 images a pass
+        chunked = model(images)
+    for other in (pieces, cached, chunked):
+        torch.testing.assert_close(other, whole, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shuffled, whole[perm], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cached, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_per_image_exchange_gives_each_image_its_own_text(tiny_clip):
+    """FUSING per_image (the paper's mutual exchange): image b's class features come from a text
+    updated by image b alone: the same as running image b alone, and different between images."""
+    model = build_dcp(tiny_clip, fusing="per_image").eval()
+    images = images_for(tiny_clip, batch=3)
+    with torch.no_grad():
+        per_image, image = model.encode_per_image(images)
+        alone = [model.encode_per_image(images[b:b + 1]) for b in range(3)]
+    assert per_image.shape == (3, len(DCP_CLASSES), tiny_clip.text_projection.shape[1])
+    for b, (text_b, image_b) in enumerate(alone):
+        torch.testing.assert_close(per_image[b:b + 1], text_b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(image[b:b + 1], image_b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(per_image[0], per_image[1], atol=1e-4)  # the text saw its image
+    assert not model.classes_cacheable
 
 
 def test_release_fusing_shares_one_visual_update_across_the_batch(tiny_clip):
@@ -131,7 +151,7 @@ def test_bad_settings_name_the_setting(tiny_clip, overrides, key):
 def test_dcp_trains_checkpoints_and_evaluates_new_classes(workspace):
     out = workspace / "dcp_base"
     trained = run(dcp_command(workspace, out))
-    assert "DCP: DCPSettings(" in trained.stdout and "fusing='none', text_update=True" in trained.stdout
+    assert "DCP: DCPSettings(" in trained.stdout and "fusing='per_image', text_update=True" in trained.stdout
     state = torch.load(out / "MultiModalPromptLearner" / "model.pth.tar-2", weights_only=True)
     assert {k.split(".")[0] for k in state["state_dict"]} == {"text_context", "visual_context", "cmpa"}
     results = [accuracies(run(dcp_command(workspace, workspace / f"dcp_new{i}", subsample="new",

@@ -149,14 +149,21 @@ class PromptedTextEncoder(nn.Module):
         groups, n = contexts.shape[0], contexts.shape[1]
         state = self.embed(token_ids, contexts[0])  # context 0 places the class tokens and EOT
         contexts = contexts.to(self.dtype) + self.positional_embedding[1:1 + n].to(self.dtype)  # [G, n, D]
-        eot = state.eot.repeat(groups)
         if state.prefix is not None:
-            prefix = torch.cat([state.prefix[:, :1].expand(groups, -1, -1), contexts], dim=1)  # [G, 1+n, D]
-            body = state.body.expand(groups, -1, -1, -1).flatten(0, 1)  # the C class bodies per context
-            return TextState(prefix=prefix, body=body, eot=eot, n_prompt=n)
+            grouped = self.in_groups(state, groups)
+            return replace(grouped, prefix=torch.cat([grouped.prefix[:, :1], contexts], dim=1))  # [G, 1+n, D]
         x = state.body.expand(groups, -1, -1, -1)  # [G, C, L, D]: the release's G*C whole sequences
         x = torch.cat([x[:, :, :1], contexts.unsqueeze(1).expand(-1, x.shape[1], -1, -1), x[:, :, 1 + n:]], dim=2)
-        return TextState(prefix=None, body=x.flatten(0, 1), eot=eot, n_prompt=n)
+        return TextState(prefix=None, body=x.flatten(0, 1), eot=state.eot.repeat(groups), n_prompt=n)
+
+    def in_groups(self, state: TextState, groups: int) -> TextState:
+        """Every sequence of a shared-prefix state once per group (group-major: row g*C + c), each
+        group with its own copy of the prefix, so that later layers can give each group its own
+        prompts [G, n, D] (a group per image: CoCoOp's contexts, DCP's per-image exchange)."""
+        if state.prefix is None or state.prefix.shape[0] != 1:
+            raise ValueError("groups split one shared prefix: the shared-prefix shortcut must be on")
+        return TextState(prefix=state.prefix.expand(groups, -1, -1), body=state.body.repeat(groups, 1, 1),
+                         eot=state.eot.repeat(groups), n_prompt=state.n_prompt)
 
     def encode_per_context(self, token_ids: Tensor, contexts: Tensor) -> Tensor:
         """[G, C, E]: features of the C sequences with each of G first-layer contexts [G, n, D]

@@ -7,14 +7,18 @@ from the text prompt states and the text prompt states from the visual ones; the
 replace the prompt positions, then the frozen layers run.
 
 Text prompt states are the same for every class (under the causal mask, positions 1..n see only
-SOS and the prompts), so they never need fusing. The visual side:
-- FUSING mean | first | max (the release): the batch's visual states are fused into one, updated
-  once and given to every image, and the text is updated from that fused state: a prediction
-  depends on the other images of its batch.
-- FUSING none (default): each image's visual states are updated with the text states as query;
-  the text is updated from an image-free visual stream (CLS and the visual prompts, no patches)
-  stepped in lockstep with the others and updated like the images, so text features and
-  predictions never depend on the batch, and the classes are encoded once per evaluation.
+SOS and the prompts). How the two sides meet is FUSING:
+- per_image (default; the paper's mutual exchange without batch coupling): each image updates its
+  own copy of the text prompt states from its own visual states, and its visual states from that
+  copy; image b is compared with class features from its own text copy (B x C text sequences, as
+  CoCoOp), so no prediction depends on the other images of the batch.
+- image_free (this toolkit's design, cheaper): each image's visual states are updated with the
+  text states as query; the text is updated from an image-free visual stream (CLS and the visual
+  prompts, no patches) stepped in lockstep and updated like the images, so the classes are
+  encoded once per evaluation and never see the images.
+- mean | first | max (the release): the batch's visual states are fused into one, updated once
+  and given to every image, and the text is updated from that fused state: a prediction depends
+  on the other images of its batch.
 TEXT_UPDATE False reproduces the release, which computes the text update but never splices it in.
 """
 from collections import OrderedDict
@@ -32,7 +36,8 @@ from .common import MAX_CONTEXT_TOKENS
 from .registry import register_method
 from .settings import BackboneShape, ConfigError, checked, option
 
-FUSINGS = ("none", "mean", "first", "max")
+BATCH_FUSINGS = ("mean", "first", "max")  # the release's: one fused visual state per batch
+FUSINGS = ("per_image", "image_free") + BATCH_FUSINGS
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,10 @@ class DCPSettings:
     ctx_init: str = option("a photo of a", "first-layer text context, used when it has at least N_CTX tokens")
     prompt_depth: int = option(9, "CMPA updates enter layers 1..PROMPT_DEPTH", low=1)
     ps: bool = option(True, "one CMPA module shared by all layers (False: one per layer)")
-    fusing: str = option("none", "none: per image, batch-independent; mean/first/max: the release's fusion of "
-                                 "the batch's visual states", choices=FUSINGS)
+    fusing: str = option("per_image", "per_image: each image exchanges with its own text copy (the paper's "
+                                      "mutual exchange, batch-independent); image_free: the text exchanges with "
+                                      "an image-free visual stream (cheaper, classes encoded once); mean/first/max: "
+                                      "the release's fusion of the batch's visual states", choices=FUSINGS)
     text_update: bool = option(True, "splice the text update in (the release computes it but does not)")
 
     def validate(self, shape: BackboneShape) -> None:
@@ -130,30 +137,36 @@ class DCP(PromptedCLIPClassifier):
 
     @property
     def classes_cacheable(self) -> bool:
-        # the release's fusing modes update the text from each batch's images
-        return self.settings.fusing == "none"
+        # only the image-free stream gives a class side without images
+        return self.settings.fusing == "image_free"
 
-    # ---- FUSING none: the class side from the text and image-free streams, images apart -------
+    def update(self, layer: int, text: Tensor, visual: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """CMPA before `layer`: (new text states, new visual states) from text [T, n, dt] and visual
+        [V, n, dv], T and V both the batch or one of them 1; (None, None) beyond PROMPT_DEPTH."""
+        if layer > self.settings.prompt_depth:
+            return None, None
+        cmpa = self.prompt_learner.module_for(layer)
+        new_text = cmpa.text(text, visual) if self.settings.text_update else None
+        return new_text, cmpa.visual(visual, text)
+
+    # ---- image_free: the class side from the text and image-free streams, images apart ----------
     def encode_classes(self) -> Optional[Tuple[Tensor, List[Tensor]]]:
         """Text features [C, E] and the text prompt states entering layers 1..depth-1, which the
-        images query, from the text and image-free streams alone (no images). None when fusing
-        couples the classes to the batch."""
-        if self.settings.fusing != "none":
+        images query, from the text and image-free streams alone (no images). None in the modes
+        where the class side needs the images."""
+        if self.settings.fusing != "image_free":
             return None
         learner = self.prompt_learner
         text_states: List[Tensor] = []
 
-        def update(layer, prompt_states):
+        def between(layer, prompt_states):
             text, image_free = prompt_states
             text_states.append(text)
-            if layer > self.settings.prompt_depth:
-                return [None, None]
-            cmpa = learner.module_for(layer)
-            return [cmpa.text(text, image_free) if self.settings.text_update else None, cmpa.visual(image_free, text)]
+            return list(self.update(layer, text, image_free))
 
         final = run_lockstep([self.text_encoder, self.image_encoder],
                              [self.text_encoder.embed(self.token_ids, learner.text_context),
-                              self.image_encoder.embed_prompts_only(learner.visual_context)], update)
+                              self.image_encoder.embed_prompts_only(learner.visual_context)], between)
         return self.text_encoder.features(final[0]), text_states
 
     def image_side(self, images: Tensor, text_states: List[Tensor]) -> Tensor:
@@ -163,33 +176,43 @@ class DCP(PromptedCLIPClassifier):
         for layer in range(self.image_encoder.depth):
             prompt = None
             if 0 < layer <= self.settings.prompt_depth:
-                prompt = learner.module_for(layer).visual(self.image_encoder.prompt_states(state),
-                                                          text_states[layer - 1])
+                prompt = learner.module_for(layer).visual(self.image_encoder.prompt_states(state), text_states[layer - 1])
             state = self.image_encoder.run_layer(layer, state, prompt)
         return self.image_encoder.features(state)
+
+    # ---- per_image: each image exchanges with its own copy of the text ---------------------------
+    def encode_per_image(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        """(class features per image [B, C, E], image features [B, E]): the text runs once per image
+        (B x C sequences, SOS and the prompts once per image), and before each layer image b's
+        text and visual prompt states update each other."""
+        learner = self.prompt_learner
+        text = self.text_encoder.in_groups(self.text_encoder.embed(self.token_ids, learner.text_context), len(images))
+        final = run_lockstep([self.text_encoder, self.image_encoder],
+                             [text, self.image_encoder.embed(images, learner.visual_context)],
+                             lambda layer, states: list(self.update(layer, *states)))
+        per_image = self.text_encoder.features(final[0]).view(len(images), len(self.classnames), -1)
+        return per_image, self.image_encoder.features(final[1])
 
     # ---- the release's fusing modes: text and images coupled through the batch ----------------
     def encode_fused(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """(text features [C, E], image features [B, E]): the batch's visual prompt states are fused
         into one, updated once for every image, and the text is updated from that fused state."""
-        learner, how = self.prompt_learner, self.settings.fusing
+        learner = self.prompt_learner
 
-        def update(layer, prompt_states):
+        def between(layer, prompt_states):
             text, visual = prompt_states
-            if layer > self.settings.prompt_depth:
-                return [None, None]
-            cmpa = learner.module_for(layer)
-            fused = fuse(visual, how)
-            new_visual = cmpa.visual(fused, text).expand(visual.shape[0], -1, -1)
-            return [cmpa.text(text, fused) if self.settings.text_update else None, new_visual]
+            new_text, new_visual = self.update(layer, text, fuse(visual, self.settings.fusing))
+            return [new_text, None if new_visual is None else new_visual.expand(visual.shape[0], -1, -1)]
 
         final = run_lockstep([self.text_encoder, self.image_encoder],
                              [self.text_encoder.embed(self.token_ids, learner.text_context),
-                              self.image_encoder.embed(images, learner.visual_context)], update)
+                              self.image_encoder.embed(images, learner.visual_context)], between)
         return self.text_encoder.features(final[0]), self.image_encoder.features(final[1])
 
     def classify(self, images: Tensor, classes, frozen_image_features: Optional[Tensor] = None) -> Tensor:
-        if classes is None:
+        if self.settings.fusing == "per_image":
+            return self.in_image_chunks(lambda part: self.logits(*reversed(self.encode_per_image(part))), images)
+        if self.settings.fusing in BATCH_FUSINGS:
             text, image = self.encode_fused(images)
             return self.logits(image, text)
         text, text_states = classes
