@@ -1,0 +1,56 @@
+"""Deliberately broken HiCroPL variants: bugs that make the method learn worse without failing.
+
+They exist to show that the toy world's learning-quality checks can fail (tests and the
+evidence script); nothing else uses them.
+"""
+from typing import Optional, Sequence, Tuple
+
+from torch import Tensor
+
+from ..hicropl import HiCroPL, normalize
+
+
+class HiCroPLWithoutFusion(HiCroPL):
+    """Forgets to fuse the frozen CLIP features: t = norm(prompted text), i = norm(prompted
+    image), without `+ t_fix` / `+ i_zs` (the distillation toward them stays)."""
+
+    def text_features(self, text_prompts: Sequence[Tensor]) -> Tensor:
+        return normalize(self.text_encoder(self.token_ids, text_prompts).float())
+
+    def image_features(self, images: Tensor, visual_prompts: Sequence[Tensor],
+                       zero_shot: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if zero_shot is None:
+            zero_shot = self.zero_shot_image_features(images)
+        return normalize(self.image_encoder(images, visual_prompts).float()), zero_shot
+
+
+class HiCroPLFrozenMappers(HiCroPL):
+    """The mappers and proxies silently stop learning (their parameters are left out of
+    training), as when an optimiser is built before the modules are registered."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        learner = self.prompt_learner
+        for module in (learner.text_proxies, learner.visual_proxies, learner.text_to_image, learner.image_to_text):
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+
+class HiCroPLShiftedPrompts(HiCroPL):
+    """Writes every deep prompt one layer too late: the prompt learned for layer i enters
+    layer i + 1 and the last layer's prompt is dropped."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        learner = self.prompt_learner
+        forward = learner.forward
+
+        def shifted() -> Tuple[list, list]:
+            text, visual = forward()
+            return text[:1] + text[:-1], visual[:1] + visual[:-1]
+
+        learner.forward = shifted
+
+
+BROKEN_VARIANTS = {"no_fusion": HiCroPLWithoutFusion, "frozen_mappers": HiCroPLFrozenMappers,
+                   "shifted_prompts": HiCroPLShiftedPrompts}
