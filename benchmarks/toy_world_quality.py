@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--test-per-class", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=Recipe.epochs)
     parser.add_argument("--lr", type=float, default=Recipe.lr)
+    parser.add_argument("--lambd", type=float, default=TOY_HICROPL.lambd)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     results = {}
     for name in args.variants:
         model_class, mode = VARIANTS[name]
-        cfg = replace(TOY_HICROPL, mapper_mode=mode)
+        cfg = replace(TOY_HICROPL, mapper_mode=mode, lambd=args.lambd)
         for seed in args.seeds:
             start = time.time()
             images, labels = class_images(base, args.shots, seed=seed)

@@ -52,5 +52,31 @@ class HiCroPLShiftedPrompts(HiCroPL):
         learner.forward = shifted
 
 
+class HiCroPLVisualPromptsDropped(HiCroPL):
+    """Never hands the visual prompts to the image encoder (e.g. a keyword typo that a
+    `**kwargs` swallows): the image tower runs unprompted, only the text side adapts."""
+
+    def image_features(self, images: Tensor, visual_prompts: Sequence[Tensor],
+                       zero_shot: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        return super().image_features(images, [], zero_shot)
+
+
+class HiCroPLShallowPrompts(HiCroPL):
+    """Writes the prompts of layer 0 only: the deep prompts of layers 1.. never enter the
+    encoders (an off-by-one in the layer loop)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        learner = self.prompt_learner
+        forward = learner.forward
+
+        def first_layer_only() -> Tuple[list, list]:
+            text, visual = forward()
+            return text[:1], visual[:1]
+
+        learner.forward = first_layer_only
+
+
 BROKEN_VARIANTS = {"no_fusion": HiCroPLWithoutFusion, "frozen_mappers": HiCroPLFrozenMappers,
-                   "shifted_prompts": HiCroPLShiftedPrompts}
+                   "shifted_prompts": HiCroPLShiftedPrompts, "no_visual_prompts": HiCroPLVisualPromptsDropped,
+                   "shallow_prompts": HiCroPLShallowPrompts}

@@ -81,7 +81,7 @@ def train_hicropl(clip_model, base: ClassSet, images: Tensor, labels: Tensor,
     model = model_class(clip_model, cfg, base.classnames, class_features(clip_model, base))
     parameters = [p for p in model.prompt_learner.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=recipe.lr, eps=1e-3, weight_decay=5e-4)
-    steps = recipe.epochs * -(-len(images) // recipe.batch)
+    steps = max(1, recipe.epochs * -(-len(images) // recipe.batch))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     order = torch.Generator().manual_seed(recipe.seed)
     model.train()

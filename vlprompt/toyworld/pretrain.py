@@ -31,10 +31,10 @@ from .render import render_batch, to_model_input
 from .world import PRETRAINING, Scene, caption, sample_scene, vocabulary_sentences
 
 # heads = width // 64 (as clip.model.build_model infers them); both widths divisible by 8 (HiCroPL's
-# N_HEADS). The token embedding (49408 x text width) dominates the file: text width 128.
-ARCHITECTURE = dict(embed_dim=128, image_resolution=32, vision_layers=4, vision_width=192,
+# N_HEADS). The token embedding (49408 x text width) dominates the file: text width 64.
+ARCHITECTURE = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128,
                     vision_patch_size=8, context_length=77, vocab_size=49408,
-                    transformer_width=128, transformer_heads=2, transformer_layers=4)
+                    transformer_width=64, transformer_heads=1, transformer_layers=4)
 
 
 def world_token_ids() -> torch.Tensor:
@@ -155,10 +155,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "toy_clip.pt"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--pool", type=int, default=30000, help="rendered scenes drawn from")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--pool", type=int, default=20000, help="rendered scenes drawn from")
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; the result is reproducible for a given thread count")
     args = parser.parse_args(argv)

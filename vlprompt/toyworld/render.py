@@ -14,7 +14,7 @@ from .world import COLOURS, Scene
 
 IMAGE_SIZE = 32
 _SCALE = 2  # supersampling factor
-RADIUS = {"small": (5.0, 7.0), "large": (10.0, 12.5)}  # object radius in output pixels
+RADIUS = {"small": (7.0, 8.5), "large": (11.0, 13.0)}  # object radius in output pixels
 OFFSET = 7.0  # centre offset of left/right/top/bottom objects, output pixels
 OFFSETS = {"center": (0, 0), "left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
 
@@ -128,9 +128,11 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
     colour = object_colour(scene.colour, rng)
     paint = colour
     if scene.style == "photo":  # a drawing is an outline: it shows no pattern
-        paint = colour * (1.0 - 0.45 * pattern_mask(scene.pattern, big, rng)[..., None])
+        paint = colour * (1.0 - 0.3 * pattern_mask(scene.pattern, big, rng)[..., None])
     pixels = background(scene.background, big, rng) * (1.0 - mask) + paint * mask
     pixels = pixels.reshape(size, _SCALE, size, _SCALE, 3).mean(axis=(1, 3))  # box filter down
+    if scene.tint != (1.0, 1.0, 1.0):
+        pixels = pixels * np.array(scene.tint, np.float32)
     pixels = pixels + rng.normal(0, 6, pixels.shape)
     image = np.clip(pixels, 0, 255).astype(np.uint8)
     if scene.blurry:
