@@ -1,7 +1,10 @@
 """Deliberately broken HiCroPL variants: bugs that make the method learn worse without failing.
 
 They exist to show that the toy world's learning-quality checks can fail (tests and the
-evidence script); nothing else uses them.
+evidence script); nothing else uses them. Measured on ToyObjects (benchmarks/toy_world_quality.py,
+seeds 1-3): dropping the visual prompts costs about 7 points on base classes and fails the
+tests' threshold; frozen mappers are caught by the test that mappers change; the others
+(no fusion, shifted or shallow prompts) cost at most 4 points and are NOT caught by accuracy.
 """
 from typing import Optional, Sequence, Tuple
 

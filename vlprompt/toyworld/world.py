@@ -6,8 +6,9 @@ attributes in plain English, as alt text does; pretraining sees every combinatio
 
 Class sets are compositional: a class is a combination of attribute values (e.g. colour and shape,
 "red circle"); the base classes of a set use every value that its new classes use, in other
-combinations, so zero-shot transfer to new classes is possible and a prompt learner can overfit
-to the combinations it was trained on.
+combinations, so zero-shot transfer to new classes is possible. The datasets are photographed
+under a warm light (SOURCE) that pretraining never saw: zero-shot CLIP misreads some colours,
+and what a prompt learner learns on base classes can carry over to new ones.
 """
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
