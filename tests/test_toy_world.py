@@ -212,6 +212,12 @@ def test_learned_mappers_train_and_release_mappers_stay_as_initialised(world):
         assert changed(initial, learned, prompts) and changed(initial, release, prompts)
 
 
+def test_mappers_that_silently_stop_learning_fail_the_check(world):
+    initial, _, _ = trained(world, "learned", epochs=0)
+    frozen, _, _ = trained(world, "frozen_mappers", epochs=1)
+    assert not changed(initial, frozen, "text_to_image") and not changed(initial, frozen, "image_to_text")
+
+
 @requires_dassl
 def test_dassl_reads_a_toy_dataset_with_coop_base_and_new_classes(tmp_path):
     from dassl.config import get_cfg_default
