@@ -8,7 +8,8 @@ result. Token-embedding rows of tokens the world never uses are zero from the st
 gradient, so they stay zero and the file compresses well.
 
 The shipped toy_clip.pt is this command's output with its defaults (seed 0, 1500 steps of 128
-pairs, one thread): 11.5 min of CPU time on a shared 2-core machine (29 min wall there).
+pairs, one thread): 11.5 min of CPU time on a shared 2-core machine (12 to 29 min wall there,
+depending on the load); a rerun reproduced the file byte for byte.
 
 Deterministic for a seed given the thread count (--threads) and the CPU's kernels: the same
 machine, torch build, thread count and ATEN_CPU_CAPABILITY give the same bytes; another thread
