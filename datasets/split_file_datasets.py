@@ -14,6 +14,11 @@ SPLIT_FILE_DATASETS = {
     "EuroSAT": ("eurosat", "2750", "split_zhou_EuroSAT.json"),
     "UCF101": ("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
     "Caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    # the toy world (python -m datasets.toy_world ROOT writes them)
+    "ToyObjects": ("toy_objects", "images", "split_zhou_ToyObjects.json"),
+    "ToyObjectsShifted": ("toy_objects_shifted", "images", "split_zhou_ToyObjectsShifted.json"),
+    "ToyPatterns": ("toy_patterns", "images", "split_zhou_ToyPatterns.json"),
+    "ToyTextiles": ("toy_textiles", "images", "split_zhou_ToyTextiles.json"),
 }
 
 for _name, (_folder, _images, _split) in SPLIT_FILE_DATASETS.items():
