@@ -20,11 +20,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-from vlprompt.hicropl import HiCroPL  # noqa: E402
+from vlprompt.methods.hicropl import HiCroPL  # noqa: E402
 from vlprompt.toyworld.broken import BROKEN_VARIANTS  # noqa: E402
+from vlprompt.results import harmonic_mean  # noqa: E402
 from vlprompt.toyworld.evaluate import (TOY_CLIP_PATH, TOY_HICROPL, Recipe, accuracy, class_images,  # noqa: E402
-                                        harmonic_mean, load_toy_clip, retarget, train_hicropl,
-                                        zero_shot_accuracy)
+                                        load_toy_clip, retarget, train_hicropl, zero_shot_accuracy)
 from vlprompt.toyworld.world import CLASS_SETS  # noqa: E402
 
 VARIANTS = {"learned": (HiCroPL, "learned"), "release": (HiCroPL, "release")}

@@ -156,7 +156,7 @@ def world(one_thread):
 def trained(world, variant, epochs=10):
     """(model, base accuracy, new accuracy) of a HiCroPL variant, trained once per module."""
     from dataclasses import replace
-    from vlprompt.hicropl import HiCroPL
+    from vlprompt.methods.hicropl import HiCroPL
     from vlprompt.toyworld.broken import BROKEN_VARIANTS
     from vlprompt.toyworld.evaluate import TOY_HICROPL, Recipe, accuracy, retarget, train_hicropl
     key = (variant, epochs)

@@ -10,7 +10,8 @@ from typing import Optional, Sequence, Tuple
 
 from torch import Tensor
 
-from ..hicropl import HiCroPL, normalize
+from ..methods.common import normalize
+from ..methods.hicropl import HiCroPL
 
 
 class HiCroPLWithoutFusion(HiCroPL):
@@ -23,7 +24,7 @@ class HiCroPLWithoutFusion(HiCroPL):
     def image_features(self, images: Tensor, visual_prompts: Sequence[Tensor],
                        zero_shot: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         if zero_shot is None:
-            zero_shot = self.zero_shot_image_features(images)
+            zero_shot = self.frozen_image_features(images)
         return normalize(self.image_encoder(images, visual_prompts).float()), zero_shot
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..class_features import encode_texts_per_class, texts_per_class
-from ..clip_loading import load_clip
-from ..hicropl import HiCroPL, HiCroPLConfig
-from ..prompted_clip import PromptedTextEncoder
-from ..zero_shot import ZeroShotCLIP
+from ..clip.class_features import encode_texts_per_class, texts_per_class
+from ..clip.encoders import PromptedTextEncoder
+from ..clip.loading import load_clip
+from ..methods.hicropl import HiCroPL, HiCroPLSettings
+from ..methods.zero_shot import ZeroShotCLIP, ZeroShotSettings
 from .render import render_batch, to_model_input
 from .world import SOURCE, ClassSet, Domain, class_descriptions, sample_class_scene
 
@@ -55,11 +55,12 @@ def accuracy(model, images: Tensor, labels: Tensor, batch: int = 500) -> float:
 
 
 def zero_shot_accuracy(clip_model, class_set: ClassSet, images: Tensor, labels: Tensor) -> float:
-    return accuracy(ZeroShotCLIP(clip_model, class_features(clip_model, class_set)), images, labels)
+    model = ZeroShotCLIP(clip_model, ZeroShotSettings(), class_set.classnames, class_features(clip_model, class_set))
+    return accuracy(model, images, labels)
 
 
 # The recipe scaled to the toy CLIP (4 layers): prompts on every layer, the cross layer halfway.
-TOY_HICROPL = HiCroPLConfig(n_ctx=4, ctx_init="a photo of a", prompt_depth=4, cross_layer=2, lambd=12.0)
+TOY_HICROPL = HiCroPLSettings(n_ctx=4, ctx_init="a photo of a", prompt_depth=4, cross_layer=2, lambd=12.0)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Recipe:
 
 
 def train_hicropl(clip_model, base: ClassSet, images: Tensor, labels: Tensor,
-                  cfg: HiCroPLConfig = TOY_HICROPL, recipe: Recipe = Recipe(),
+                  cfg: HiCroPLSettings = TOY_HICROPL, recipe: Recipe = Recipe(),
                   model_class: Callable[..., HiCroPL] = HiCroPL) -> HiCroPL:
     """Build HiCroPL for the base classes and train its prompt learner with a plain loop: the
     release's optimiser (Adam, eps 1e-3, weight decay 5e-4, cosine decay) on shuffled
@@ -99,7 +100,3 @@ def retarget(model: HiCroPL, class_set: ClassSet, clip_model) -> HiCroPL:
     """The trained model pointed at another class set (new classes), as the test script does."""
     model.set_classes(class_set.classnames, class_features(clip_model, class_set))
     return model
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    return 2 * base * new / (base + new) if base + new else 0.0

@@ -3,7 +3,7 @@
     python -m vlprompt.toyworld.pretrain --out vlprompt/toyworld/toy_clip.pt
 
 OpenAI's architecture (`clip.model.CLIP`, ViT image tower, the real BPE tokenizer, context 77,
-vocabulary 49408) at a small size; `vlprompt.clip_loading.load_clip(name, path=OUT)` reads the
+vocabulary 49408) at a small size; `vlprompt.clip.loading.load_clip(name, path=OUT)` reads the
 result. Token-embedding rows of tokens the world never uses are zero from the start and get no
 gradient, so they stay zero and the file compresses well.
 
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from clip import clip as clip_api
 from clip.model import CLIP
 
-from ..io import atomic_torch_save
-from ..prompted_clip import PromptedTextEncoder
+from ..clip.encoders import PromptedTextEncoder
+from ..files import atomic_torch_save
 from .render import render_batch, to_model_input
 from .world import PRETRAINING, Scene, caption, sample_scene, vocabulary_sentences
 
