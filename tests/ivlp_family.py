@@ -81,6 +81,24 @@ def our_state(case: dict, rounded: bool = False):
             for name, value in state.items()}
 
 
+def release_layout_state(case: dict, layout: str):
+    """A state dict with every key of a release checkpoint layout (`checkpoint_fp32`/`_fp16`) in
+    its dtype: the case's prompts where the release keeps them, zeros for the rest."""
+    learned = {release_name(name): value for name, value in our_state(case).items()}
+    state = {}
+    for key, shape, dtype in case[layout]["VLPromptLearner"]["state_dict"]:
+        value = learned[key] if key in learned else torch.zeros(shape)
+        state[key] = value.to(getattr(torch, dtype))
+    return state
+
+
+def assert_converted(state: dict, converted: dict):
+    """Exactly our prompts, widened to fp32 from the release's values."""
+    assert sorted(converted) == sorted(our_name(key) for key in state if key in map(release_name, OUR_NAMES))
+    for name, value in converted.items():
+        assert value.dtype == torch.float32 and torch.equal(value, state[release_name(name)].float()), name
+
+
 def fixture_inputs(method: str):
     inputs = load_fixture(method)["inputs"]
     return inputs["classnames"], inputs["images"], inputs["labels"]
@@ -116,19 +134,6 @@ def assert_batch_independent(model, images):
     torch.testing.assert_close(pieces, whole, rtol=0, atol=tol)
     torch.testing.assert_close(shuffled, whole[perm], rtol=0, atol=tol)
     torch.testing.assert_close(uncached, whole, rtol=0, atol=tol)
-
-
-def train_steps(model, images, labels, steps: int, lr: float = 5e-3):
-    optimizer = torch.optim.Adam(model.prompt_learner.parameters(), lr=lr, eps=1e-3)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        loss, _, _ = model.loss(images, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
 
 
 # ---- Dassl runs through the scripts --------------------------------------------------------

@@ -5,9 +5,10 @@ import torch
 
 from conftest import requires_dassl
 from helpers import images_for, load_fixture
-from ivlp_family import (FP16_LOGIT_BOUND, LOGIT_TOL, accuracy, assert_batch_independent,
+from test_hicropl import train_steps
+from ivlp_family import (FP16_LOGIT_BOUND, LOGIT_TOL, accuracy, assert_batch_independent, assert_converted,
                          assert_release_gradients, evaluate, fixture_clip, fixture_inputs, fixture_settings,
-                         loss_tol, our_state, release_name, run_script, script_env, tiny_options, train_steps,
+                         loss_tol, our_state, release_layout_state, run_script, script_env, tiny_options,
                          write_release_checkpoint)
 from vlprompt.files import load_strict
 from vlprompt.methods.ivlp import IVLP, IVLPSettings, convert_release_state_dict, is_release_state_dict
@@ -133,18 +134,11 @@ def test_a_short_training_run_lowers_the_loss(tiny_clip):
 def test_release_checkpoint_layouts_convert_to_our_prompts(name, layout):
     """Every key the release writes (whole CustomCLIP: frozen CLIP, token buffers, logit scale):
     prompts converted, the rest dropped; fp16 entries come back widened."""
-    case = load_fixture("ivlp")["cases"][name]
-    keys = case[layout]["VLPromptLearner"]["state_dict"]
-    learned = {release_name(k): v for k, v in our_state(case).items()}
-    state = {key: learned[key].to(getattr(torch, dtype)) if key in learned else torch.zeros(shape, dtype=getattr(torch, dtype))
-             for key, shape, dtype in keys}
+    state = release_layout_state(load_fixture("ivlp")["cases"][name], layout)
     assert is_release_state_dict(state) and is_release_state_dict({f"module.{k}": v for k, v in state.items()})
     converted = convert_release_state_dict(state)
+    assert_converted(state, converted)
     model, _ = release_model(name)
-    assert set(converted) == set(model.prompt_learner.state_dict())
-    for key, value in converted.items():
-        assert value.dtype == torch.float32
-        assert torch.equal(value, state[release_name(key)].float())
     load_strict(model.prompt_learner, converted, layout)
 
 
@@ -162,7 +156,8 @@ def test_the_release_recipes_merge_into_our_config_node():
     from vlprompt.clip.loading import architecture_shape
     from vlprompt.methods.settings import checked, from_values
     from conftest import ROOT
-    expected = {"vit_b16_c2_ep5_batch4_2+2ctx": (2, 2, 12, 12), "vit_b16_c2_ep5_batch4_4ctx_language_only": (0, 4, 0, 12),
+    expected = {"vit_b16_c2_ep5_batch4_2+2ctx": (2, 2, 12, 12),
+                "vit_b16_c2_ep5_batch4_4ctx_language_only": (0, 4, 0, 12),
                 "vit_b16_c2_ep20_batch4_4+4ctx": (4, 4, 9, 9)}
     for recipe, (n_vision, n_text, depth_vision, depth_text) in expected.items():
         cfg = extend_cfg(get_cfg_default())
@@ -190,7 +185,8 @@ def test_release_scripts_train_and_test(ivlp_run):
     assert "Finish training" in trained.stdout and "SUBSAMPLE_CLASSES: new" in tested.stdout
     assert 0 <= accuracy(tested.stdout) <= 100
     checkpoint = torch.load(run_dir / "VLPromptLearner" / "model.pth.tar-2", weights_only=True)
-    assert sorted(checkpoint["state_dict"]) == [f"{t}.{i}" for t in ("text_prompts", "visual_prompts") for i in range(3)]
+    assert sorted(checkpoint["state_dict"]) == [f"{tower}.{layer}" for tower in ("text_prompts", "visual_prompts")
+                                                for layer in range(3)]
 
 
 @requires_dassl

@@ -11,10 +11,12 @@ import torch
 
 from conftest import requires_dassl
 from helpers import images_for, load_fixture
-from ivlp_family import (EPS32, FP16_LOGIT_BOUND, LOGIT_TOL, accuracy, assert_batch_independent,
+from test_trainer import KILL_AFTER_FIRST_EPOCH  # the kill of a cluster job after epoch 1
+from test_hicropl import train_steps
+from ivlp_family import (EPS32, FP16_LOGIT_BOUND, LOGIT_TOL, accuracy, assert_batch_independent, assert_converted,
                          assert_release_gradients, evaluate, fixture_clip, fixture_inputs, fixture_settings,
-                         loss_tol, our_name, our_state, release_name, run_script, run_train_py, script_env,
-                         tiny_options, train_py, train_steps, weighted_l1_tol, write_release_checkpoint)
+                         loss_tol, our_name, our_state, release_layout_state, run_script, run_train_py,
+                         script_env, tiny_options, train_py, weighted_l1_tol, write_release_checkpoint)
 from vlprompt.clip.class_features import frozen_class_features
 from vlprompt.clip.encoders import PromptedTextEncoder
 from vlprompt.files import load_strict
@@ -67,12 +69,14 @@ def loss_terms(model):
 
 
 def assert_terms(parts, loss, logits, released):
-    weights = {"loss_scl_text": CASE["config"]["TEXT_LOSS_WEIGHT"], "loss_scl_image": CASE["config"]["IMAGE_LOSS_WEIGHT"]}
+    config = CASE["config"]
+    weights = {"loss_scl_text": config["TEXT_LOSS_WEIGHT"], "loss_scl_image": config["IMAGE_LOSS_WEIGHT"]}
     for name in TERMS:
         expected = released["loss_terms"][name]
         tol = weighted_l1_tol(expected, weights[name]) if name in weights else loss_tol(expected, logits)
         assert abs(parts[name] - float(expected)) <= tol, name
-    tol = sum(weighted_l1_tol(released["loss_terms"][n], w) for n, w in weights.items()) + 2 * loss_tol(loss.item(), logits)
+    tol = 2 * loss_tol(loss.item(), logits) + sum(weighted_l1_tol(released["loss_terms"][n], w)
+                                                  for n, w in weights.items())
     assert abs(loss.item() - float(released["loss"])) <= tol
 
 
@@ -99,7 +103,8 @@ def test_logits_and_every_loss_term_are_the_release_without_its_casts():
     _, images, _ = fixture_inputs("promptsrc")
     frozen_image = model.frozen_image_features(images)
     torch.testing.assert_close(frozen_image, released["zero_shot_features"], rtol=0, atol=8 * EPS32)
-    torch.testing.assert_close(model.zero_shot_logits(frozen_image), released["zero_shot_logits"], rtol=0, atol=LOGIT_TOL)
+    torch.testing.assert_close(model.zero_shot_logits(frozen_image), released["zero_shot_logits"], rtol=0,
+                               atol=LOGIT_TOL)
     assert_terms(parts, loss, logits, released)
 
 
@@ -160,7 +165,7 @@ def test_gpa_survives_a_resume_which_the_release_loses(tmp_path):
             lost.end_epoch(epoch, 3)
     for name, value in straight.prompt_learner.state_dict().items():
         assert torch.equal(restarted.prompt_learner.state_dict()[name], value), name
-    assert not torch.equal(lost.prompt_learner.state_dict()["text_prompts.0"], straight.prompt_learner.state_dict()["text_prompts.0"])
+    assert not torch.equal(lost.prompt_learner.text_prompts[0], straight.prompt_learner.text_prompts[0])
 
 
 def test_gpa_weights_far_from_the_epochs_fall_on_the_nearest():
@@ -197,15 +202,10 @@ def test_a_short_training_run_lowers_the_loss(tiny_clip):
 @pytest.mark.parametrize("layout", ["checkpoint_fp32", "checkpoint_fp16"])
 def test_release_checkpoint_layouts_convert_to_our_prompts(layout):
     """The release's keys: its whole CustomCLIP and a second frozen image tower (ZS_image_encoder)."""
-    keys = CASE[layout]["VLPromptLearner"]["state_dict"]
-    learned = {release_name(k): v for k, v in our_state(CASE).items()}
-    state = {key: learned[key].to(getattr(torch, dtype)) if key in learned else torch.zeros(shape, dtype=getattr(torch, dtype))
-             for key, shape, dtype in keys}
+    state = release_layout_state(CASE, layout)
     assert any(key.startswith("prompt_learner.ZS_image_encoder.") for key in state)
     converted = convert_release_state_dict(state)
-    assert set(converted) == {our_name(key) for key in learned}
-    for name, value in converted.items():
-        assert value.dtype == torch.float32 and torch.equal(value, state[release_name(name)].float())
+    assert_converted(state, converted)
     load_strict(release_model().prompt_learner, converted, layout)
 
 
@@ -260,20 +260,6 @@ def test_release_checkpoint_evaluates_as_our_own(promptsrc_run, workspace, tmp_p
     assert "a checkpoint of the official release: converting its key names" in released.stdout
     ours = evaluate(workspace, "PromptSRC", recipe, run_dir, tmp_path / "ours", options)
     assert accuracy(released.stdout) == accuracy(ours.stdout)
-
-
-KILL_AFTER_FIRST_EPOCH = """
-import os, runpy, signal, sys
-import trainers.clip_prompt as glue
-original = glue.ClipPromptTrainer.after_epoch
-def after_epoch(self):
-    original(self)
-    if self.epoch == 0:
-        os.kill(os.getpid(), signal.SIGKILL)  # as a cluster job killed mid-run
-glue.ClipPromptTrainer.after_epoch = after_epoch
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 @requires_dassl

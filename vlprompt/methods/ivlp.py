@@ -68,7 +68,7 @@ class IVLPSettings:
             # the release would take EOT and padding embeddings as context and overwrite the class name
             raise ConfigError("ctx_init", self.ctx_init,
                               f"has {ctx_init_words(words)} tokens, fewer than N_CTX_TEXT={self.n_ctx_text}: "
-                              f"give at least {self.n_ctx_text} words, lower N_CTX_TEXT, or set CTX_INIT '' "
+                              f"give at least {self.n_ctx_text} tokens of words, lower N_CTX_TEXT, or set CTX_INIT '' "
                               f"(random context)")
 
 

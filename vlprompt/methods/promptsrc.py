@@ -71,7 +71,6 @@ class PromptSRC(IVLP):
             raise ValueError("PromptSRC needs frozen CLIP's class text features (its descriptor's class_texts: "
                              "the mean of the raw features of IMAGENET_TEMPLATES)")
         super().__init__(clip_model, settings, classnames, frozen_text_features)
-        self.settings = settings
         self._gpa_sum: Optional[Dict[str, Tensor]] = None  # sum of w_e * prompts after epoch e
         self._gpa_epochs: List[int] = []  # the epochs (0-based) in the sum
 
@@ -91,8 +90,9 @@ class PromptSRC(IVLP):
             ce = F.cross_entropy(logits, labels)
             text_term = F.l1_loss(normalize(text.float()), self.frozen_text_features) * weights.text_loss_weight
             image_term = F.l1_loss(normalize(image.float()), frozen_image) * weights.image_loss_weight
-            logits_term = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(self.zero_shot_logits(frozen_image), dim=1),
-                                   reduction="sum", log_target=True) / logits.numel()
+            zero_shot = self.zero_shot_logits(frozen_image)
+            logits_term = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(zero_shot, dim=1), reduction="sum",
+                                   log_target=True) / logits.numel()
             loss = ce + (logits_term + text_term + image_term)  # the release's order of the sums
         parts = {"loss_ce": ce.item(), "loss_scl_text": text_term.item(), "loss_scl_image": image_term.item(),
                  "L_SCL_logits": logits_term.item()}
@@ -123,6 +123,8 @@ class PromptSRC(IVLP):
         present = sum(weights[e] for e in set(self._gpa_epochs))
         warnings.warn(f"GPA: epochs {[e + 1 for e in missing]} are missing from the aggregate (a run resumed "
                       f"without it); the prompts are the weighted mean over the other epochs")
+        if not present > 0:  # only epochs of zero weight are left: the last epoch's prompts stay
+            return self.prompt_learner.state_dict()
         return {name: value / present for name, value in self._gpa_sum.items()}
 
     def run_state(self) -> Dict[str, Any]:
