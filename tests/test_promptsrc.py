@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import requires_dassl
 from helpers import images_for, load_fixture
@@ -17,8 +18,9 @@ from ivlp_family import (EPS32, FP16_LOGIT_BOUND, LOGIT_TOL, accuracy, assert_ba
                          assert_release_gradients, evaluate, fixture_clip, fixture_inputs, fixture_settings,
                          loss_tol, our_name, our_state, release_layout_state, run_script, run_train_py,
                          script_env, tiny_options, train_py, weighted_l1_tol, write_release_checkpoint)
-from vlprompt.clip.class_features import frozen_class_features
+from vlprompt.clip.class_features import ClassFeatureStore, frozen_class_features
 from vlprompt.clip.encoders import PromptedTextEncoder
+from vlprompt.clip.templates import IMAGENET_TEMPLATES
 from vlprompt.files import load_strict
 from vlprompt.methods.ivlp import convert_release_state_dict
 from vlprompt.methods.promptsrc import PromptSRC, PromptSRCSettings, gpa_weights
@@ -92,6 +94,26 @@ def test_frozen_class_features_are_the_mean_of_raw_template_features():
     other = frozen_class_features(PromptedTextEncoder(fixture_clip()), classnames,
                                   templates=get_method("PromptSRC").class_texts(None, "").templates)
     assert float((other - released).abs().max()) > 100 * 8 * EPS32
+
+
+def test_raw_mean_features_are_computed_and_cached_apart(tiny_clip, tmp_path):
+    import clip
+    encoder, templates = PromptedTextEncoder(tiny_clip), IMAGENET_TEMPLATES[:4]
+    store = ClassFeatureStore(str(tmp_path))
+    normalised = frozen_class_features(encoder, CLASSES, templates=templates, store=store)
+    raw = frozen_class_features(encoder, CLASSES, templates=templates, store=store, normalize_each=False)
+    with torch.no_grad():
+        names = [name.replace("_", " ") for name in CLASSES]
+        features = tiny_clip.encode_text(clip.tokenize([t.format(n) for n in names for t in templates]))
+        expected = F.normalize(features.view(len(CLASSES), len(templates), -1).mean(dim=1), dim=-1)
+    torch.testing.assert_close(raw, expected, rtol=0, atol=8 * EPS32)
+    assert float((raw - normalised).abs().max()) > 100 * 8 * EPS32
+    # a second store over the same folder reads each kind back, never one for the other
+    again = ClassFeatureStore(str(tmp_path))
+    assert torch.equal(frozen_class_features(encoder, CLASSES, templates=templates, store=again,
+                                             normalize_each=False), raw)
+    assert torch.equal(frozen_class_features(encoder, CLASSES, templates=templates, store=again), normalised)
+    assert len(list((tmp_path / "class_features").iterdir())) == 2
 
 
 def test_logits_and_every_loss_term_are_the_release_without_its_casts():
@@ -195,8 +217,8 @@ def test_evaluation_does_not_depend_on_batch_size_or_order(tiny_clip):
 def test_a_short_training_run_lowers_the_loss(tiny_clip):
     model = tiny_model(tiny_clip)
     images = images_for(model, batch=10)
-    losses = train_steps(model, images, torch.arange(10) % len(CLASSES), steps=12)
-    assert losses[-1] < 0.8 * losses[0]
+    losses = train_steps(model, images, torch.arange(10) % len(CLASSES), steps=15)
+    assert losses[-1] < 0.75 * losses[0]  # measured 3.99 -> 2.26
 
 
 @pytest.mark.parametrize("layout", ["checkpoint_fp32", "checkpoint_fp16"])
