@@ -20,12 +20,13 @@ from ivlp_family import (EPS32, FP16_LOGIT_BOUND, LOGIT_TOL, accuracy, assert_ba
                          script_env, tiny_options, train_py, weighted_l1_tol, write_release_checkpoint)
 from vlprompt.clip.class_features import ClassFeatureStore, frozen_class_features
 from vlprompt.clip.encoders import PromptedTextEncoder
+from vlprompt.clip.loading import backbone_shape
 from vlprompt.clip.templates import IMAGENET_TEMPLATES
 from vlprompt.files import load_strict
 from vlprompt.methods.ivlp import convert_release_state_dict
 from vlprompt.methods.promptsrc import PromptSRC, PromptSRCSettings, gpa_weights
 from vlprompt.methods.registry import get_method
-from vlprompt.methods.settings import ConfigError
+from vlprompt.methods.settings import ConfigError, checked
 
 CASE = load_fixture("promptsrc")["cases"]["depth3"]
 CLASSES = ["dog", "cat", "sports_car", "oak tree", "violin"]
@@ -56,10 +57,14 @@ def release_model(rounded=False):
     return model
 
 
-def tiny_model(clip_model, seed=0, **overrides):
+@functools.lru_cache(maxsize=None)
+def tiny_text_features(clip_model):
+    return frozen_text_features(clip_model, CLASSES)
+
+
+def tiny_model(clip_model, seed=0):
     torch.manual_seed(seed)
-    return PromptSRC(clip_model, PromptSRCSettings(**{**TINY, **overrides}), CLASSES,
-                     frozen_text_features(clip_model, CLASSES))
+    return PromptSRC(clip_model, PromptSRCSettings(**TINY), CLASSES, tiny_text_features(clip_model))
 
 
 def loss_terms(model):
@@ -200,7 +205,7 @@ def test_gpa_weights_far_from_the_epochs_fall_on_the_nearest():
 @pytest.mark.parametrize("value", [0, -1])
 def test_gpa_std_must_be_positive(tiny_clip, value):
     with pytest.raises(ConfigError, match=f"^GPA_STD={value} is invalid"):
-        tiny_model(tiny_clip, gpa_std=value)
+        checked(PromptSRCSettings(**TINY, gpa_std=value), backbone_shape(tiny_clip))
 
 
 # ---- our model -------------------------------------------------------------------------------------
