@@ -195,6 +195,22 @@ def accuracy(stdout: str) -> float:
     return float(found[-1])
 
 
+def assert_release_checkpoint_evaluates_as_ours(workspace, trainer, recipe, run_dir, tmp_path, options,
+                                                extra=None):
+    """The run's last checkpoint rewritten as the release writes it evaluates through train.py
+    --eval-only --model-dir exactly as ours does, once trusted (it pickles a scheduler)."""
+    release_dir = tmp_path / "release_run"
+    write_release_checkpoint(run_dir / "VLPromptLearner" / "model.pth.tar-2", release_dir / "VLPromptLearner", 2,
+                             extra)
+    refused = evaluate(workspace, trainer, recipe, release_dir, tmp_path / "refused", options, ok=False)
+    assert refused.returncode != 0 and "TRUST_RELEASE_CHECKPOINT" in refused.stderr
+    released = evaluate(workspace, trainer, recipe, release_dir, tmp_path / "released",
+                        options + ["MODEL.TRUST_RELEASE_CHECKPOINT", "True"])
+    assert "a checkpoint of the official release: converting its key names" in released.stdout
+    ours = evaluate(workspace, trainer, recipe, run_dir, tmp_path / "ours", options)
+    assert accuracy(released.stdout) == accuracy(ours.stdout)
+
+
 def write_release_checkpoint(ours_path, folder, epoch: int, extra=None):
     """A checkpoint as the release writes it from one of ours: its key names (its whole CustomCLIP:
     frozen entries and token buffers beside the prompts; their values are ignored on load), fp16

@@ -9,9 +9,9 @@ from conftest import requires_dassl
 from helpers import images_for, load_fixture
 from test_hicropl import train_steps
 from ivlp_family import (FP16_LOGIT_BOUND, LOGIT_TOL, accuracy, assert_batch_independent, assert_converted,
-                         assert_release_gradients, evaluate, fixture_clip, fixture_inputs, fixture_settings,
-                         loss_tol, our_state, release_layout_state, run_script, script_env, tiny_options,
-                         write_release_checkpoint)
+                         assert_release_checkpoint_evaluates_as_ours, assert_release_gradients, fixture_clip,
+                         fixture_inputs, fixture_settings, loss_tol, our_state, release_layout_state, run_script,
+                         script_env, tiny_options)
 from vlprompt.files import load_strict
 from vlprompt.methods.ivlp import IVLP, IVLPSettings, convert_release_state_dict, is_release_state_dict
 from vlprompt.methods.settings import ConfigError
@@ -195,16 +195,8 @@ def test_release_scripts_train_and_test(ivlp_run):
 @requires_dassl
 def test_release_checkpoint_evaluates_as_our_own(ivlp_run, workspace, tmp_path):
     _, options, _, _, run_dir = ivlp_run
-    release_dir = tmp_path / "release_run"
-    write_release_checkpoint(run_dir / "VLPromptLearner" / "model.pth.tar-2", release_dir / "VLPromptLearner", 2)
-    recipe = "vit_b16_c2_ep5_batch4_2+2ctx"
-    refused = evaluate(workspace, "IVLP", recipe, release_dir, tmp_path / "refused", options, ok=False)
-    assert refused.returncode != 0 and "TRUST_RELEASE_CHECKPOINT" in refused.stderr
-    released = evaluate(workspace, "IVLP", recipe, release_dir, tmp_path / "released",
-                        options + ["MODEL.TRUST_RELEASE_CHECKPOINT", "True"])
-    assert "a checkpoint of the official release: converting its key names" in released.stdout
-    ours = evaluate(workspace, "IVLP", recipe, run_dir, tmp_path / "ours", options)
-    assert accuracy(released.stdout) == accuracy(ours.stdout)
+    assert_release_checkpoint_evaluates_as_ours(workspace, "IVLP", "vit_b16_c2_ep5_batch4_2+2ctx", run_dir,
+                                                tmp_path, options)
 
 
 @requires_dassl

@@ -15,9 +15,9 @@ from helpers import images_for, load_fixture
 from test_trainer import KILL_AFTER_FIRST_EPOCH  # the kill of a cluster job after epoch 1
 from test_hicropl import train_steps
 from ivlp_family import (EPS32, FP16_LOGIT_BOUND, LOGIT_TOL, accuracy, assert_batch_independent, assert_converted,
-                         assert_release_gradients, evaluate, fixture_clip, fixture_inputs, fixture_settings,
-                         loss_tol, our_name, our_state, release_layout_state, run_script, run_train_py,
-                         script_env, tiny_options, train_py, weighted_l1_tol, write_release_checkpoint)
+                         assert_release_checkpoint_evaluates_as_ours, assert_release_gradients, fixture_clip,
+                         fixture_inputs, fixture_settings, loss_tol, our_name, our_state, release_layout_state,
+                         run_script, run_train_py, script_env, tiny_options, train_py, weighted_l1_tol)
 from vlprompt.clip.class_features import ClassFeatureStore, frozen_class_features
 from vlprompt.clip.encoders import PromptedTextEncoder
 from vlprompt.clip.loading import backbone_shape
@@ -278,15 +278,10 @@ def test_release_scripts_train_aggregate_and_test(promptsrc_run):
 @requires_dassl
 def test_release_checkpoint_evaluates_as_our_own(promptsrc_run, workspace, tmp_path):
     options, _, _, run_dir = promptsrc_run
-    release_dir = tmp_path / "release_run"
-    write_release_checkpoint(run_dir / "VLPromptLearner" / "model.pth.tar-2", release_dir / "VLPromptLearner", 2,
-                             extra={"prompt_learner.ZS_image_encoder.conv1.weight": torch.zeros(1)})
-    recipe = "vit_b16_c2_ep20_batch4_4+4ctx"
-    released = evaluate(workspace, "PromptSRC", recipe, release_dir, tmp_path / "released",
-                        options + ["MODEL.TRUST_RELEASE_CHECKPOINT", "True"])
-    assert "a checkpoint of the official release: converting its key names" in released.stdout
-    ours = evaluate(workspace, "PromptSRC", recipe, run_dir, tmp_path / "ours", options)
-    assert accuracy(released.stdout) == accuracy(ours.stdout)
+    # its frozen image tower, saved under prompt_learner, is dropped
+    assert_release_checkpoint_evaluates_as_ours(workspace, "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", run_dir,
+                                                tmp_path, options,
+                                                {"prompt_learner.ZS_image_encoder.conv1.weight": torch.zeros(1)})
 
 
 @requires_dassl
