@@ -10,8 +10,8 @@
 Dassl's own save/load pickle whole models and scheduler objects and write in place; here the
 registered modules' state goes to Dassl's usual file names (`<name>/model-best.pth.tar`,
 `<name>/model.pth.tar-N`, `<name>/checkpoint`), and `<name>/resume.pth.tar` keeps the optimizer,
-schedule, scaler, best validation result and random states of the last finished epoch until
-training ends.
+schedule, scaler, best validation result, random states and the trainer's `run_state()` (state
+across epochs, such as a running average of weights) of the last finished epoch until training ends.
 """
 import os
 import os.path as osp
@@ -165,8 +165,17 @@ class CheckpointedTrainer(TrainerX):
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "best_result": float(self.best_result),
                 "rng": rng_state(self.device),
+                "run_state": self.run_state(),
             }
             atomic_torch_save(state, osp.join(self.output_dir, name, RESUME_FILE))
+
+    def run_state(self) -> dict:
+        """State of the run across epochs, beyond modules, optimizers and schedules, that a
+        resumed run needs to end as an uninterrupted one would (weights_only-loadable). Default: none."""
+        return {}
+
+    def load_run_state(self, state: dict) -> None:
+        """Restore what `run_state` returned."""
 
     def resume_model_if_exist(self, directory):
         names = self.get_model_names()
@@ -204,6 +213,7 @@ class CheckpointedTrainer(TrainerX):
             self.scaler.load_state_dict(state["scaler"])
         self.best_result = state["best_result"]
         set_rng_state(state["rng"], self.device)
+        self.load_run_state(state.get("run_state") or {})  # resume files written before have none
 
     def _read_checkpoint(self, path):
         """On the CPU whatever the run's device: RNG states must stay CPU tensors, and every

@@ -137,7 +137,8 @@ class ClipPromptTrainer(CheckpointedTrainer):
         path = descriptions_path(self.cfg) if texts.descriptions else None
         try:
             return frozen_class_features(PromptedTextEncoder(clip_model), self.dm.dataset.classnames, path,
-                                         templates=texts.templates, store=store, chunk=chunk)
+                                         templates=texts.templates, store=store, chunk=chunk,
+                                         normalize_each=texts.normalize_each)
         except DescriptionsError as err:
             raise DescriptionsError(f"{err} (set by DATASET.DESCRIPTIONS_FILE / DATASET.DESCRIPTIONS_DIR)") from err
 
@@ -193,6 +194,22 @@ class ClipPromptTrainer(CheckpointedTrainer):
         super().train()
 
     # ---- train -----------------------------------------------------------------------------
+    def after_epoch(self):
+        # The model's end-of-epoch work (PromptSRC's prompt aggregation) comes before Dassl's
+        # after_epoch, which evaluates and checkpoints the epoch: the last checkpoint holds its result.
+        end_epoch = getattr(self.model, "end_epoch", None)
+        if end_epoch is not None:
+            end_epoch(self.epoch, self.max_epoch)
+        super().after_epoch()
+
+    def run_state(self) -> dict:
+        model_state = getattr(self.model, "run_state", None)
+        return {"model": model_state()} if model_state is not None else {}
+
+    def load_run_state(self, state: dict) -> None:
+        if "model" in state:
+            self.model.load_run_state(state["model"])
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.precision == "amp")
 

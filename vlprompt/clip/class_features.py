@@ -1,5 +1,6 @@
 """Frozen CLIP class text features: per class, the renormalised mean of normalised features of
-several texts (GPT-written descriptions, or prompt templates), cached on disk.
+several texts (GPT-written descriptions, or prompt templates), cached on disk. A method may ask
+for the renormalised mean of the raw features instead (`normalize_each=False`, PromptSRC's).
 """
 import hashlib
 import json
@@ -65,8 +66,9 @@ PROGRESS_MIN_CHUNKS = 10  # class sets this large report their progress (every t
 
 @torch.no_grad()
 def encode_texts_per_class(text_encoder: PromptedTextEncoder, texts: List[List[str]], chunk: int = 256,
-                           progress: Optional[Callable[[str], None]] = None) -> Tensor:
-    """[C, E] fp32: normalise each text feature, average per class, renormalise. Computed on the
+                           progress: Optional[Callable[[str], None]] = None, normalize_each: bool = True) -> Tensor:
+    """[C, E] fp32: normalise each text feature (unless `normalize_each` is False: the raw
+    features are averaged, as PromptSRC does), average per class, renormalise. Computed on the
     encoder's device, `chunk` texts at a time."""
     flat = [t for group in texts for t in group]
     device = text_encoder.text_projection.device
@@ -80,7 +82,8 @@ def encode_texts_per_class(text_encoder: PromptedTextEncoder, texts: List[List[s
             done = min(start + chunk, len(flat))
             progress(f"class text features: {done}/{len(flat)} texts of {len(texts)} classes encoded")
     features = torch.cat(features)
-    features = features / features.norm(dim=-1, keepdim=True)
+    if normalize_each:
+        features = features / features.norm(dim=-1, keepdim=True)
     out, start = [], 0
     for group in texts:
         mean = features[start:start + len(group)].mean(dim=0)
@@ -107,24 +110,27 @@ class ClassFeatureStore:
             self._fingerprints[text_encoder] = text_tower_fingerprint(text_encoder)
         return self._fingerprints[text_encoder]
 
-    def path_for(self, text_encoder, classnames, texts) -> Optional[str]:
+    def path_for(self, text_encoder, classnames, texts, normalize_each: bool = True) -> Optional[str]:
         if not self.directory:
             return None
-        payload = json.dumps({"backbone": self._fingerprint(text_encoder),
-                              "dtype": str(text_encoder.dtype),
-                              "classnames": list(classnames), "texts": texts})
+        key = {"backbone": self._fingerprint(text_encoder), "dtype": str(text_encoder.dtype),
+               "classnames": list(classnames), "texts": texts}
+        if not normalize_each:  # only then: the keys of features cached before stay valid
+            key["mean"] = "raw"
+        payload = json.dumps(key)
         digest = hashlib.sha256(payload.encode()).hexdigest()[:32]
         return os.path.join(self.directory, "class_features", f"{digest}.pt")
 
     def features(self, text_encoder: PromptedTextEncoder, classnames: Sequence[str],
-                 texts: List[List[str]], chunk: int = 256) -> Tensor:
-        path = self.path_for(text_encoder, classnames, texts)
+                 texts: List[List[str]], chunk: int = 256, normalize_each: bool = True) -> Tensor:
+        path = self.path_for(text_encoder, classnames, texts, normalize_each)
         if path and os.path.isfile(path):
             cached = torch.load(path, map_location="cpu", weights_only=True)
             if cached.get("classnames") == list(classnames):
                 self.report(f"class text features read from cache {path}")
                 return cached["features"]
-        features = encode_texts_per_class(text_encoder, texts, chunk, progress=self.report).cpu()
+        features = encode_texts_per_class(text_encoder, texts, chunk, progress=self.report,
+                                          normalize_each=normalize_each).cpu()
         if path:
             atomic_torch_save({"classnames": list(classnames), "features": features}, path)
             self.report(f"class text features cached at {path}")
@@ -134,9 +140,11 @@ class ClassFeatureStore:
 def frozen_class_features(text_encoder: PromptedTextEncoder, classnames: Sequence[str],
                           descriptions_path: Optional[str] = None,
                           templates: Sequence[str] = GENERIC_TEMPLATES,
-                          store: Optional[ClassFeatureStore] = None, chunk: int = 256) -> Tensor:
+                          store: Optional[ClassFeatureStore] = None, chunk: int = 256,
+                          normalize_each: bool = True) -> Tensor:
     """Class text features of frozen CLIP [C, E] fp32 on the CPU, from descriptions when the file
-    exists, else templates, computed on the encoder's device. Which source was used, and the
+    exists, else templates, computed on the encoder's device (`normalize_each`: see
+    encode_texts_per_class). Which source was used, and the
     progress over large class sets, is reported through the store's `report` (logging by default)."""
     store = store or ClassFeatureStore(None)
     if descriptions_path and os.path.isfile(descriptions_path):
@@ -147,4 +155,4 @@ def frozen_class_features(text_encoder: PromptedTextEncoder, classnames: Sequenc
         texts = texts_per_class(classnames, None, templates)
         reason = f"{descriptions_path} not found" if descriptions_path else "no descriptions file set"
         store.report(f"frozen class text features from {len(templates)} prompt templates ({reason})")
-    return store.features(text_encoder, classnames, texts, chunk)
+    return store.features(text_encoder, classnames, texts, chunk, normalize_each)

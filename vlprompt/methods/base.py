@@ -46,6 +46,9 @@ class PromptModel(Protocol):
 
     def evaluation(self) -> ContextManager: ...
 
+    # Optional (the trainer calls them when the model has them; PromptedCLIPClassifier has
+    # defaults): end_epoch(epoch, max_epoch), run_state() -> dict, load_run_state(dict).
+
 
 class PromptedCLIPClassifier(nn.Module):
     """Frozen CLIP and learned prompts: logits [B, C] for a set of classes.
@@ -132,6 +135,23 @@ class PromptedCLIPClassifier(nn.Module):
         with torch.autocast(images.device.type, enabled=False):
             loss = F.cross_entropy(logits, labels)
         return LossOutput(loss, logits, {})
+
+    # ---- the run around the model: the trainer calls these -------------------------------------
+    def end_epoch(self, epoch: int, max_epoch: int) -> None:
+        """Training epoch `epoch` (0-based) of `max_epoch` has ended; called before that epoch's
+        checkpoint is written, so what it changes is saved and evaluated (`epoch == max_epoch - 1`:
+        the end of training). Default: nothing; PromptSRC aggregates its prompts here."""
+
+    def run_state(self) -> Dict[str, Any]:
+        """What a resumed run needs, beyond the learned parameters, to end as an uninterrupted one
+        would (e.g. a running average over epochs): tensors, numbers, strings, lists and dicts,
+        saved in the trainer's resume file and read back with weights_only=True. Default: none."""
+        return {}
+
+    def load_run_state(self, state: Dict[str, Any]) -> None:
+        """Restore what `run_state` returned (a resumed run, before its next epoch)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no run state, got {sorted(state)}")
 
     @contextmanager
     def evaluation(self):

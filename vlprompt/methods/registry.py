@@ -32,9 +32,11 @@ PLUGINS_VARIABLE = "VLPROMPT_PLUGINS"
 class ClassTexts:
     """Where a method's frozen class text features come from: prompt `templates` ("{}" is the
     class name), or the dataset's class descriptions when `descriptions` is set and a
-    descriptions file exists (the templates otherwise)."""
+    descriptions file exists (the templates otherwise). `normalize_each` False averages the
+    texts' raw features before normalising (PromptSRC's recipe) instead of their normalised ones."""
     templates: Tuple[str, ...]
     descriptions: bool = False
+    normalize_each: bool = True
 
 
 @dataclass(frozen=True)
