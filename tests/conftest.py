@@ -24,6 +24,13 @@ def tiny_clip():
 
 
 @pytest.fixture(scope="session")
+def release_clip():
+    """The release fixtures' CLIP (tiny-B: ViT-B widths, 3 layers), as their generator built it."""
+    from helpers import fixture_clip
+    return fixture_clip()
+
+
+@pytest.fixture(scope="session")
 def tiny_l_clip():
     from vlprompt.clip.loading import random_clip
     return random_clip("tiny-L", seed=1)

@@ -9,21 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, requires_dassl
-from coop_family import (FEATURE_TOL, check_against_release, fixture_clip, forward_and_backward, model_for_case,
-                         release_checkpoint_file, run_env, tiny_options, train_py)
-from helpers import accuracies, half_tolerance, images_for, load_fixture, run
-from vlprompt.clip.loading import cast_clip
+from helpers import (FEATURE_TOL, accuracies, check_coop_against_release, coop_model_for_case, forward_and_backward,
+                     half_and_fp32_logits, half_tolerance, images_for, load_fixture, method_command, run, script_env,
+                     tiny_options, train_losses, write_release_checkpoint)
+
 from vlprompt.methods import base
 from vlprompt.methods.cocoop import CoCoOp, CoCoOpSettings
 from vlprompt.methods.coop import convert_release_state_dict, is_release_state_dict
 
 CASES = list(load_fixture("cocoop")["cases"])
 CLASSES = ["dog", "sports_car", "oak tree", "violin", "golden retriever"]
-
-
-@pytest.fixture(scope="module")
-def release_clip():
-    return fixture_clip()
 
 
 def build(clip_model, classes=CLASSES, seed=0, **settings):
@@ -40,9 +35,9 @@ def test_logits_loss_and_gradients_equal_the_release(release_clip, name):
     """vit_b16_c4_ep10_batch1_ctxv1 (the base-to-new recipe) and c16 (random), with the release's
     state loaded through the checkpoint converter; both fixture modes (identical: CoCoOp casts
     nothing to fp16). Gradients reach exactly the tensors the release trains."""
-    model, fixture, case = model_for_case("cocoop", name, release_clip)
+    model, fixture, case = coop_model_for_case("cocoop", name, release_clip)
     assert torch.equal(model.token_ids, case["tokenized_prompts"]) and model.n_ctx == case["n_ctx"]
-    grads = check_against_release(model, fixture, case)
+    grads = check_coop_against_release(model, fixture, case)
     release_grads = case["results"]["no_casts"]["grads"]
     assert set(grads) == set(release_grads["nonzero"]) == {
         "ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias"}
@@ -117,27 +112,15 @@ def test_shared_prefix_shortcut_gives_the_releases_computation(tiny_clip):
 def test_a_few_steps_lower_the_loss(tiny_clip):
     model = build(tiny_clip)
     images, labels = images_for(model, batch=3), torch.arange(3)
-    optimizer = torch.optim.Adam(model.prompt_learner.parameters(), lr=0.02)
-    losses = []
-    for _ in range(15):
-        loss, _, _ = model.loss(images, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, images, labels, steps=15, lr=0.02)
     assert min(losses[-3:]) < 0.8 * losses[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits_agree_with_fp32(tiny_clip, dtype):
-    reference = build(tiny_clip).eval()
-    half = build(cast_clip(copy.deepcopy(tiny_clip), dtype)).eval()
-    half.prompt_learner.load_state_dict(reference.prompt_learner.state_dict())
-    images = images_for(reference)
-    with torch.no_grad():
-        expected, got = reference(images), half(images)
+    got, expected, scale = half_and_fp32_logits(build, tiny_clip, dtype)
     assert got.dtype == torch.float32
-    assert (got - expected).abs().max() < half_tolerance(dtype, reference.logit_scale.exp().item())
+    assert (got - expected).abs().max() < half_tolerance(dtype, scale)
 
 
 def test_set_classes_retargets_a_trained_model(tiny_clip):
@@ -168,7 +151,7 @@ def base2new(workspace, tmp_path_factory):
     """`bash scripts/cocoop/base2new_train.sh caltech101 1` then base2new_test.sh (the release's
     script names), 1 epoch of the release's base-to-new recipe on the tiny data and CLIP."""
     tmp = tmp_path_factory.mktemp("cocoop")
-    env = run_env(workspace, tmp)
+    env = script_env(workspace, tmp / "output")
     options = tiny_options(workspace, "COCOOP", "OPTIM.MAX_EPOCH", "1")
     outputs = []
     for script in ("base2new_train.sh", "base2new_test.sh"):
@@ -197,11 +180,14 @@ def test_release_checkpoint_evaluates_as_our_own(base2new, workspace, tmp_path):
     run_dir, _, _, options = base2new
     ours = torch.load(run_dir / "prompt_learner" / "model.pth.tar-1", weights_only=True)["state_dict"]
     release = {**ours, "token_prefix": torch.zeros(3, 1, 64), "token_suffix": torch.zeros(3, 72, 64)}
-    release_checkpoint_file(tmp_path / "release" / "prompt_learner" / "model.pth.tar-1", release, epoch=1)
-    new = ["--load-epoch", "1", "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "new", *options]
-    converted = run(train_py(workspace, "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1", tmp_path / "converted",
-                             "--model-dir", str(tmp_path / "release"), *new, "MODEL.TRUST_RELEASE_CHECKPOINT", "True"))
+    write_release_checkpoint(tmp_path / "release" / "prompt_learner" / "model.pth.tar-1", release, 1)
+    new = ["DATASET.SUBSAMPLE_CLASSES", "new", *options]
+
+    def evaluate(model_dir, out, *extra):
+        return run(method_command(workspace, "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1", tmp_path / out, [*new, *extra],
+                                  ["--model-dir", str(model_dir), "--load-epoch", "1", "--eval-only"]))
+
+    converted = evaluate(tmp_path / "release", "converted", "MODEL.TRUST_RELEASE_CHECKPOINT", "True")
     assert "is a checkpoint of the official release" in converted.stdout
-    direct = run(train_py(workspace, "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1", tmp_path / "direct",
-                          "--model-dir", str(run_dir), *new))
+    direct = evaluate(run_dir, "direct")
     assert accuracies(converted.stdout) == accuracies(direct.stdout) and len(accuracies(direct.stdout)) == 1

@@ -11,20 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, requires_dassl
-from coop_family import (FEATURE_TOL, check_against_release, fixture_clip, model_for_case, release_checkpoint_file,
-                         run_env, tiny_options, train_py)
-from helpers import accuracies, half_tolerance, images_for, load_fixture, run
-from vlprompt.clip.loading import cast_clip
-from vlprompt.methods.coop import (CoOp, CoOpSettings, convert_release_state_dict, is_release_state_dict)
+from helpers import (FEATURE_TOL, accuracies, assert_batch_independent, check_coop_against_release, coop_model_for_case, half_and_fp32_logits,
+                     half_tolerance, images_for, load_fixture, method_command, run, script_env, tiny_options,
+                     train_losses, write_release_checkpoint)
+
+from vlprompt.methods.coop import CoOp, CoOpSettings, convert_release_state_dict, is_release_state_dict
 from vlprompt.methods.settings import ConfigError
 
 CASES = list(load_fixture("coop")["cases"])
 CLASSES = ["dog", "sports_car", "oak tree", "violin", "golden retriever"]
-
-
-@pytest.fixture(scope="module")
-def release_clip():
-    return fixture_clip()
 
 
 def build(clip_model, classes=CLASSES, seed=0, **settings):
@@ -38,9 +33,9 @@ def test_logits_loss_and_gradients_equal_the_release(release_clip, name):
     """end (random and CTX_INIT) and class-specific middle, with the release's state loaded through
     the checkpoint converter; both fixture modes (identical: CoOp casts nothing to fp16). Gradients
     reach exactly the tensors the release trains."""
-    model, fixture, case = model_for_case("coop", name, release_clip)
+    model, fixture, case = coop_model_for_case("coop", name, release_clip)
     assert torch.equal(model.token_ids, case["tokenized_prompts"]) and model.prompt_prefix == case["prompt_prefix"]
-    grads = check_against_release(model, fixture, case)
+    grads = check_coop_against_release(model, fixture, case)
     release_grads = case["results"]["no_casts"]["grads"]
     assert set(grads) == set(release_grads["nonzero"]) == {"ctx"} and release_grads["none"] == release_grads["zero"] == []
     # the release's names under its registered model: prompt_learner.<our name>
@@ -118,46 +113,24 @@ def test_positions_give_different_prompts(tiny_clip):
 # ---- behaviour --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("csc,position", [(False, "end"), (True, "front")])
 def test_eval_logits_do_not_depend_on_batch_size_or_order(tiny_clip, csc, position):
-    model = build(tiny_clip, csc=csc, class_token_position=position).eval()
-    images = images_for(model, batch=7)
-    perm = torch.randperm(7, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad(), model.evaluation():
-        whole = model(images)
-        pieces = torch.cat([model(images[i:i + 2]) for i in range(0, 7, 2)])
-        shuffled = model(images[perm])
-    with torch.no_grad():
-        uncached = model(images)
-    torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(shuffled, whole[perm], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(uncached, whole, atol=1e-5, rtol=1e-5)
+    model = build(tiny_clip, csc=csc, class_token_position=position)
+    assert_batch_independent(model, images_for(model, batch=7))
 
 
 @pytest.mark.parametrize("csc,position", [(False, "end"), (True, "middle")])
 def test_a_few_steps_lower_the_loss(tiny_clip, csc, position):
     model = build(tiny_clip, csc=csc, class_token_position=position)
     images, labels = images_for(model, batch=5), torch.arange(5)
-    optimizer = torch.optim.Adam(model.prompt_learner.parameters(), lr=0.02)
-    losses = []
-    for _ in range(15):
-        loss, _, _ = model.loss(images, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, images, labels, steps=15, lr=0.02)
     assert min(losses[-3:]) < 0.8 * losses[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits_agree_with_fp32(tiny_clip, dtype):
-    import copy
-    reference = build(tiny_clip, class_token_position="middle").eval()
-    half = build(cast_clip(copy.deepcopy(tiny_clip), dtype), class_token_position="middle").eval()
-    half.prompt_learner.load_state_dict(reference.prompt_learner.state_dict())
-    images = images_for(reference)
-    with torch.no_grad():
-        expected, got = reference(images), half(images)
+    got, expected, scale = half_and_fp32_logits(lambda clip_model: build(clip_model, class_token_position="middle"),
+                                                tiny_clip, dtype)
     assert got.dtype == torch.float32
-    assert (got - expected).abs().max() < half_tolerance(dtype, reference.logit_scale.exp().item())
+    assert (got - expected).abs().max() < half_tolerance(dtype, scale)
 
 
 def test_set_classes_retargets_a_shared_context_but_not_class_specific_ones(tiny_clip):
@@ -206,6 +179,7 @@ def test_config_nodes_are_the_releases():
     """TRAINER.COOP and TRAINER.COCOOP: the release's keys (fixture configs) and its defaults
     (its train.py extend_cfg), PREC included."""
     from dassl.config import get_cfg_default
+
     from trainers.config import extend_cfg
     cfg = extend_cfg(get_cfg_default())
     assert dict(cfg.TRAINER.COOP) == {"N_CTX": 16, "CSC": False, "CTX_INIT": "", "CLASS_TOKEN_POSITION": "end",
@@ -227,7 +201,7 @@ def base2new(workspace, tmp_path_factory):
     """`python -m vlprompt.run base2new_train/test CoOp caltech101 1` with the base-to-new recipe
     (vit_b16_ctxv1: CTX_INIT "a photo of a"), 2 epochs on the tiny data and CLIP."""
     tmp = tmp_path_factory.mktemp("coop")
-    env = run_env(workspace, tmp)
+    env = script_env(workspace, tmp / "output")
     options = tiny_options(workspace, "COOP", "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "4")
     trained = vlprompt_run(env, "base2new_train", "CoOp", "caltech101", "1", *options)
     tested = vlprompt_run(env, "base2new_test", "CoOp", "caltech101", "1", *options)
@@ -253,12 +227,12 @@ def test_release_checkpoint_evaluates_as_our_own(base2new, workspace, tmp_path):
     run_dir, _, _, options = base2new
     ours = torch.load(run_dir / "prompt_learner" / "model.pth.tar-2", weights_only=True)["state_dict"]
     release = {"ctx": ours["ctx"], "token_prefix": torch.zeros(3, 1, 64), "token_suffix": torch.zeros(3, 72, 64)}
-    release_checkpoint_file(tmp_path / "release" / "prompt_learner" / "model.pth.tar-2", release, epoch=2)
+    write_release_checkpoint(tmp_path / "release" / "prompt_learner" / "model.pth.tar-2", release, 2)
     new = ["DATASET.SUBSAMPLE_CLASSES", "new", "DATASET.NUM_SHOTS", "16", *options]
 
     def evaluate(model_dir, out, *extra):
-        return run(train_py(workspace, "CoOp", "vit_b16_ctxv1", tmp_path / out, "--model-dir", str(model_dir),
-                            "--load-epoch", "2", "--eval-only", *new, *extra), expect_ok=False)
+        return run(method_command(workspace, "CoOp", "vit_b16_ctxv1", tmp_path / out, [*new, *extra],
+                                  ["--model-dir", str(model_dir), "--load-epoch", "2", "--eval-only"]), expect_ok=False)
 
     refused = evaluate(tmp_path / "release", "refused")
     assert refused.returncode != 0 and "TRUST_RELEASE_CHECKPOINT" in refused.stderr
@@ -273,7 +247,7 @@ def test_release_checkpoint_evaluates_as_our_own(base2new, workspace, tmp_path):
 def test_release_main_sh_runs_in_the_release_folders(workspace, tmp_path):
     """`bash scripts/coop/main.sh DATASET CFG CTP NCTX SHOTS CSC`: seeds 1-3 in
     output/DATASET/CoOp/CFG_SHOTSshots/nctxN_cscC_ctpP/seedS; a second call skips them."""
-    env = run_env(workspace, tmp_path)
+    env = script_env(workspace, tmp_path / "output")
     command = ["bash", os.path.join(ROOT, "scripts/coop/main.sh"), "caltech101", "vit_b16_ep50", "middle", "3", "2",
                "True", *tiny_options(workspace, "COOP", "OPTIM.MAX_EPOCH", "1")]
     first = subprocess.run(command, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)

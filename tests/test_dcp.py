@@ -1,15 +1,14 @@
 """DCP (CMPA) on the shared prompted-CLIP loop."""
-import copy
 import re
 
 import pytest
 import torch
 
-
 from conftest import requires_dassl
-from vlprompt.clip.loading import cast_clip
+from helpers import (DCP_CLASSES, accuracies, build_dcp, dcp_command, half_and_fp32_logits, half_tolerance, images_for,
+                     run, train_losses)
+
 from vlprompt.methods.settings import ConfigError
-from helpers import DCP_CLASSES, accuracies, build_dcp, dcp_command, half_tolerance, images_for, run
 
 
 def grads_after_one_step(model, images):
@@ -99,27 +98,15 @@ def test_prompt_sharing_changes_the_parameter_count(tiny_clip):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precisions_agree_with_fp32(tiny_clip, dtype):
-    reference = build_dcp(tiny_clip).eval()
-    half = build_dcp(cast_clip(copy.deepcopy(tiny_clip), dtype)).eval()
-    half.prompt_learner.load_state_dict(reference.prompt_learner.state_dict())
-    images = images_for(tiny_clip)
-    with torch.no_grad():
-        expected, got = reference(images), half(images)
-    assert (got - expected).abs().max() < half_tolerance(dtype, reference.logit_scale.exp().item())
+    got, expected, scale = half_and_fp32_logits(build_dcp, tiny_clip, dtype)
+    assert (got - expected).abs().max() < half_tolerance(dtype, scale)
     assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.8
 
 
 def test_a_few_steps_lower_the_loss(tiny_clip):
     model = build_dcp(tiny_clip)
     images, labels = images_for(tiny_clip, batch=8), torch.arange(8) % len(DCP_CLASSES)
-    optimizer = torch.optim.Adam(model.prompt_learner.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(20):
-        loss, _, _ = model.loss(images, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, images, labels, steps=20, lr=3e-3)
     assert min(losses[-3:]) < 0.8 * losses[0]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, requires_dassl, write_workspace
-from helpers import accuracies, dcp_command, in_process_trainer, run, train_command
+from helpers import KILL_AFTER_FIRST_EPOCH, accuracies, dcp_command, in_process_trainer, run, train_command
 from vlprompt.files import OutputWriteError, atomic_torch_save, atomic_write, atomic_write_text
 
 
@@ -55,15 +55,6 @@ def run_patched(patch, cmd, expect_ok):
 
 
 # ---- kill and resume, every trainer ---------------------------------------------------------
-KILL = """
-import trainers.checkpointed_trainer as base
-original = base.CheckpointedTrainer.after_epoch
-def after_epoch(self):
-    original(self)
-    if self.epoch == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-base.CheckpointedTrainer.after_epoch = after_epoch
-"""
 
 
 def edgecnn_command(data, out):
@@ -85,7 +76,7 @@ def test_killed_run_resumes_to_the_same_result_for_other_trainers(workspace, tmp
         make = lambda out: dcp_command(workspace, out, subsample="all") + ["OPTIM.MAX_EPOCH", "3"]
         folder = "MultiModalPromptLearner"
     reference = run(make(tmp_path / "straight"))
-    killed = run_patched(KILL, make(tmp_path / "resumed"), expect_ok=False)
+    killed = run([sys.executable, "-c", KILL_AFTER_FIRST_EPOCH] + make(tmp_path / "resumed")[1:], expect_ok=False)
     assert killed.returncode == -signal.SIGKILL
     resume_file = tmp_path / "resumed" / folder / "resume.pth.tar"
     assert torch.load(resume_file, weights_only=True)["epoch"] == 1

@@ -3,16 +3,15 @@ import copy
 
 import pytest
 import torch
-
 import torch.nn.functional as F
+from helpers import HICROPL_CLASSES, build_hicropl, half_tolerance, images_for, train_losses
 
 from vlprompt.clip.class_features import frozen_class_features
+from vlprompt.clip.encoders import PromptedTextEncoder
 from vlprompt.clip.loading import cast_clip
 from vlprompt.methods.common import normalize
 from vlprompt.methods.hicropl import HiCroPLSettings
 from vlprompt.methods.settings import ConfigError
-from vlprompt.clip.encoders import PromptedTextEncoder
-from helpers import HICROPL_CLASSES, build_hicropl, half_tolerance, images_for
 
 
 def labels_for(batch, n_classes=len(HICROPL_CLASSES)):
@@ -143,22 +142,10 @@ def test_half_precision_logits_agree_with_fp32(tiny_clip, dtype):
     assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.8
 
 
-def train_steps(model, images, labels, steps, lr=5e-3):
-    opt = torch.optim.Adam(model.prompt_learner.parameters(), lr=lr, eps=1e-3)
-    losses = []
-    for _ in range(steps):
-        loss, _, _ = model.loss(images, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 def test_a_few_steps_lower_the_loss(tiny_clip):
     model = build_hicropl(tiny_clip)
     images = images_for(model, batch=10)
-    losses = train_steps(model, images, labels_for(10), steps=15)
+    losses = train_losses(model, images, labels_for(10), steps=15, eps=1e-3)
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -167,7 +154,7 @@ def test_vit_l_shaped_model_trains(tiny_l_clip):
     model = build_hicropl(tiny_l_clip, n_ctx=3, prompt_depth=3, cross_layer=2)
     assert model.text_encoder.width == 128 and model.image_encoder.width == 192
     images = images_for(model, batch=10)
-    losses = train_steps(model, images, labels_for(10), steps=12)
+    losses = train_losses(model, images, labels_for(10), steps=12, eps=1e-3)
     assert losses[-1] < 0.8 * losses[0]
 
 

@@ -5,10 +5,10 @@ Tolerances (fp32, CPU). A logit is exp(logit_scale) * cos(image, text), so fp32 
 in the towers moves it by a few ulps of exp(logit_scale) = 14.3: LOGIT_TOL = 8 ulps of it (1.4e-5)
 covers other kernels and our exact shortcuts (measured <= 1.7e-6 for the release against itself on
 two kernel sets, 6.9e-7 for ours against it) and stays below the effect of the release's fp16
-casts (4.0e-5), so a test tells the two apart. Mean cross-entropy moves by at most twice the
-largest logit change (its gradient in the logits has an L1 norm <= 2 per row), plus rounding.
+casts (4.0e-5), so a test tells the two apart (helpers.py: LOGIT_TOL, FP16_LOGIT_BOUND). Mean
+cross-entropy moves by at most twice the largest logit change (its gradient in the logits has an
+L1 norm <= 2 per row), plus rounding.
 """
-import copy
 import os
 import re
 import subprocess
@@ -19,22 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, requires_dassl
-from vlprompt.clip.loading import cast_clip
+from helpers import (EPS32, FP16_LOGIT_BOUND, HALF_ULP16, LOGIT_TOL, accuracies, half_and_fp32_logits, half_tolerance,
+                     images_for, load_fixture, release_state, run, train_losses)
+
 from vlprompt.files import CheckpointError, load_strict, read_checkpoint
 from vlprompt.methods.maple import (MaPLe, MaPLePromptLearner, MaPLeSettings, convert_release_state_dict,
                                     is_release_state_dict)
 from vlprompt.methods.settings import ConfigError
-from helpers import accuracies, generator, half_tolerance, images_for, load_fixture, release_state, run
 
-EPS32 = torch.finfo(torch.float32).eps
-LOGIT_SCALE = 1 / 0.07  # exp of CLIP's initial logit_scale, which the random tiny CLIPs keep
-LOGIT_TOL = 8 * EPS32 * LOGIT_SCALE
-# The release rounds every prompt but ctx to fp16 (relative error <= 2^-11) before it enters the
-# towers. If the features themselves carried that relative error, a logit would move by at most
-# exp(logit_scale) * 2^-11 (7.0e-3); rounding a few prompt tokens of the sequences moves it less
-# (measured 4.0e-5). Used only where our unrounded numbers meet the release's rounded ones.
-FP16_ROUNDING = 2.0 ** -11
-AS_SHIPPED_LOGIT_TOL = LOGIT_SCALE * FP16_ROUNDING
 # A gradient is a sum over images, classes and sequence positions through every layer; summed in
 # another order (another kernel, our shortcuts) it moves by tens of fp32 ulps of its largest
 # element (the release against itself on two kernels: 5.7e-7 of 0.33, 14 ulps; ours: 6.9e-7).
@@ -42,7 +34,8 @@ GRAD_ULPS = 64
 CLASSES = ["dog", "cat", "sports_car", "oak tree", "violin"]
 
 
-def loss_tol(logit_tol, loss):
+def loss_bound(logit_tol, loss):
+    """Mean cross-entropy moves by at most twice the largest logit change, plus rounding."""
     return 2 * logit_tol + 8 * EPS32 * abs(float(loss))
 
 
@@ -53,20 +46,13 @@ def build(clip_model, classes=CLASSES, seed=0, **overrides):
     return MaPLe(clip_model, MaPLeSettings(**settings), classes)
 
 
-@pytest.fixture(scope="module")
-def tiny_b_clip():
-    """The fixtures' CLIP (ViT-B widths, 3 layers), rebuilt as tests/test_release_fixtures.py does."""
-    from vlprompt.clip.loading import clip_from_state_dict, freeze
-    return freeze(clip_from_state_dict(generator().fixture_clip_state_dict()))
-
-
-def release_model(tiny_b_clip, case_name, depth=None):
+def release_model(release_clip, case_name, depth=None):
     """Our MaPLe with the release's state of a fixture case, through the checkpoint converter.
     `depth` < the case's keeps the first depth-1 deep prompts (the ones the release uses)."""
     fixture = load_fixture("maple")
     case = fixture["cases"][case_name]
     depth = depth or case["config"]["PROMPT_DEPTH"]
-    model = MaPLe(tiny_b_clip, MaPLeSettings(n_ctx=case["config"]["N_CTX"], ctx_init=case["config"]["CTX_INIT"],
+    model = MaPLe(release_clip, MaPLeSettings(n_ctx=case["config"]["N_CTX"], ctx_init=case["config"]["CTX_INIT"],
                                              prompt_depth=depth), fixture["inputs"]["classnames"])
     state = convert_release_state_dict(release_state(case))
     keep = set(model.prompt_learner.state_dict())
@@ -85,10 +71,10 @@ def rounded_as_shipped_logits(model, images):
 
 
 # ---- the release's numbers on its own weights ---------------------------------------------------
-def test_prompts_and_context_follow_the_releases_ctx_init_rule(tiny_b_clip):
-    model, case, _ = release_model(tiny_b_clip, "depth3")
+def test_prompts_and_context_follow_the_releases_ctx_init_rule(release_clip):
+    model, case, _ = release_model(release_clip, "depth3")
     assert torch.equal(model.token_ids, case["tokenized_prompts"])  # "a photo of a apple." ...
-    fresh = MaPLe(tiny_b_clip, MaPLeSettings(prompt_depth=3), load_fixture("maple")["inputs"]["classnames"])
+    fresh = MaPLe(release_clip, MaPLeSettings(prompt_depth=3), load_fixture("maple")["inputs"]["classnames"])
     # N_CTX 2 with "a photo of a": "a photo" is learned, "of a" stays fixed tokens
     torch.testing.assert_close(fresh.prompt_learner.ctx.detach(), case["initial_state"]["prompt_learner.ctx"],
                                rtol=0, atol=0)
@@ -111,34 +97,34 @@ def test_ctx_init_applies_only_up_to_four_tokens(tiny_clip, n_ctx, ctx_init, pre
 
 
 @pytest.mark.parametrize("case_name,depth", [("depth3", 3), ("depth9_on_3_layers", 3)])
-def test_logits_and_loss_match_the_release_without_its_casts(tiny_b_clip, case_name, depth):
+def test_logits_and_loss_match_the_release_without_its_casts(release_clip, case_name, depth):
     """depth9_on_3_layers: the shipped PROMPT_DEPTH 9 on a 3-layer CLIP, where the release uses
     deep prompts 0-1 only; ours refuses that depth, and the used prompts give its numbers."""
-    model, case, inputs = release_model(tiny_b_clip, case_name, depth)
+    model, case, inputs = release_model(release_clip, case_name, depth)
     expected = case["results"]["no_casts"]
     with torch.no_grad():
         logits = model.eval()(inputs["images"])
     torch.testing.assert_close(logits, expected["eval_logits"], rtol=0, atol=LOGIT_TOL)
     loss, train_logits, _ = model.train().loss(inputs["images"], inputs["labels"])
     torch.testing.assert_close(train_logits.detach(), expected["train_logits"], rtol=0, atol=LOGIT_TOL)
-    assert abs(loss.item() - float(expected["loss"])) <= loss_tol(LOGIT_TOL, expected["loss"])
+    assert abs(loss.item() - float(expected["loss"])) <= loss_bound(LOGIT_TOL, expected["loss"])
 
 
-def test_logits_and_loss_against_the_release_as_shipped(tiny_b_clip):
+def test_logits_and_loss_against_the_release_as_shipped(release_clip):
     """Our fp32 prompts stay unrounded (within fp16 rounding of the release's); rounding them where
     the release casts gives its numbers to fp32 precision, and only then."""
-    model, case, inputs = release_model(tiny_b_clip, "depth3")
+    model, case, inputs = release_model(release_clip, "depth3")
     shipped = case["results"]["as_shipped"]
     with torch.no_grad():
         ours = model.eval()(inputs["images"])
         rounded = rounded_as_shipped_logits(model, inputs["images"])
-    torch.testing.assert_close(ours, shipped["eval_logits"], rtol=0, atol=AS_SHIPPED_LOGIT_TOL)
+    torch.testing.assert_close(ours, shipped["eval_logits"], rtol=0, atol=FP16_LOGIT_BOUND)
     torch.testing.assert_close(rounded, shipped["eval_logits"], rtol=0, atol=LOGIT_TOL)
     assert float((ours - shipped["eval_logits"]).abs().max()) > LOGIT_TOL  # the casts are visible
     loss = model.train().loss(inputs["images"], inputs["labels"])[0]
-    assert abs(loss.item() - float(shipped["loss"])) <= loss_tol(AS_SHIPPED_LOGIT_TOL, shipped["loss"])
+    assert abs(loss.item() - float(shipped["loss"])) <= loss_bound(FP16_LOGIT_BOUND, shipped["loss"])
     rounded_loss = F.cross_entropy(rounded, inputs["labels"])
-    assert abs(float(rounded_loss) - float(shipped["loss"])) <= loss_tol(LOGIT_TOL, shipped["loss"])
+    assert abs(float(rounded_loss) - float(shipped["loss"])) <= loss_bound(LOGIT_TOL, shipped["loss"])
 
 
 def grads_of(model, inputs):
@@ -157,8 +143,8 @@ def compare_grads(ours, release, tolerance):
         assert float((grad - expected).abs().max()) <= tolerance(expected), name
 
 
-def test_gradients_reach_the_parameters_the_release_trains_with_its_values(tiny_b_clip):
-    model, case, inputs = release_model(tiny_b_clip, "depth3")
+def test_gradients_reach_the_parameters_the_release_trains_with_its_values(release_clip):
+    model, case, inputs = release_model(release_clip, "depth3")
     grads = grads_of(model, inputs)
     release = case["results"]["no_casts"]["grads"]
     assert release["none"] == [] and release["zero"] == []
@@ -168,16 +154,16 @@ def test_gradients_reach_the_parameters_the_release_trains_with_its_values(tiny_
     # as shipped the gradients of the cast prompts are fp16-rounded and the forward is rounded too:
     # a few fp16 roundings of the largest element
     compare_grads(grads, case["results"]["as_shipped"]["grads"],
-                  lambda expected: 4 * FP16_ROUNDING * float(expected.abs().max()))
+                  lambda expected: 4 * HALF_ULP16 * float(expected.abs().max()))
 
 
-def test_the_releases_unused_deep_prompts_are_a_config_error_here(tiny_b_clip):
+def test_the_releases_unused_deep_prompts_are_a_config_error_here(release_clip):
     """The release makes PROMPT_DEPTH-1 deep prompts whatever the depth of CLIP; beyond it they get
     no gradient (the fixture's grads 'none'). Ours names the limit instead."""
     case = load_fixture("maple")["cases"]["depth9_on_3_layers"]
     assert len(case["results"]["no_casts"]["grads"]["none"]) == 18  # prompts 2-7 and their maps
     with pytest.raises(ConfigError, match=r"PROMPT_DEPTH=9 is invalid: must be in \[1, 3\].*3 text and 3 vision"):
-        MaPLe(tiny_b_clip, MaPLeSettings(prompt_depth=9), ["apple"])
+        MaPLe(release_clip, MaPLeSettings(prompt_depth=9), ["apple"])
 
 
 @pytest.mark.parametrize("case_name", ["depth3", "depth9_on_3_layers"])
@@ -198,10 +184,10 @@ def test_release_checkpoint_key_sets_convert_to_our_learner(case_name, precision
     assert not is_release_state_dict(learner.state_dict())  # our own checkpoints are told apart
 
 
-def test_release_checkpoint_evaluates_as_its_weights(tiny_b_clip):
+def test_release_checkpoint_evaluates_as_its_weights(release_clip):
     """An fp16 run's checkpoint (ctx and proj in fp16, the rest fp32, frozen CLIP alongside) gives
     the logits of our model holding the same values."""
-    model, _, inputs = release_model(tiny_b_clip, "depth3")
+    model, _, inputs = release_model(release_clip, "depth3")
     release = {f"prompt_learner.{k}": v.half() if k == "ctx" or k.startswith("proj.") else v.clone()
                for k, v in model.prompt_learner.state_dict().items()}
     release.update({"prompt_learner.token_prefix": torch.zeros(6, 1, 512, dtype=torch.float16),
@@ -290,27 +276,15 @@ def test_a_few_steps_lower_the_loss(tiny_clip):
     # prompts separate them slowly: 4 images, 15 Adam steps
     model = build(tiny_clip)
     images, labels = images_for(model, batch=4), torch.arange(4)
-    optimizer = torch.optim.Adam(model.prompt_learner.parameters(), lr=2e-2)
-    losses = []
-    for _ in range(15):
-        loss = model.loss(images, labels)[0]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, images, labels, steps=15, lr=2e-2)
     assert max(losses[-3:]) < 0.85 * losses[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits_agree_with_fp32(tiny_clip, dtype):
-    reference = build(tiny_clip).eval()
-    half = build(cast_clip(copy.deepcopy(tiny_clip), dtype)).eval()
-    half.prompt_learner.load_state_dict(reference.prompt_learner.state_dict())
-    images = images_for(reference)
-    with torch.no_grad():
-        expected, got = reference(images), half(images)
+    got, expected, scale = half_and_fp32_logits(build, tiny_clip, dtype)
     assert got.dtype == torch.float32
-    assert (got - expected).abs().max() < half_tolerance(dtype, reference.logit_scale.exp().item())
+    assert (got - expected).abs().max() < half_tolerance(dtype, scale)
 
 
 def test_vit_l_shaped_backbone_maps_text_width_to_vision_width(tiny_l_clip):
@@ -341,6 +315,7 @@ def test_bad_settings_name_the_setting(tiny_clip, overrides, key, message):
 def test_settings_are_the_releases_keys_and_defaults():
     pytest.importorskip("dassl")
     from dassl.config import get_cfg_default
+
     from trainers.config import extend_cfg
     assert dict(extend_cfg(get_cfg_default()).TRAINER.MAPLE) == {
         "N_CTX": 2, "CTX_INIT": "a photo of a", "PROMPT_DEPTH": 9, "PREC": "fp16"}

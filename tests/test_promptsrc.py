@@ -11,13 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import requires_dassl
-from helpers import images_for, load_fixture
-from test_trainer import KILL_AFTER_FIRST_EPOCH  # the kill of a cluster job after epoch 1
-from test_hicropl import train_steps
-from ivlp_family import (EPS32, FP16_LOGIT_BOUND, LOGIT_TOL, accuracy, assert_batch_independent, assert_converted,
-                         assert_release_checkpoint_evaluates_as_ours, assert_release_gradients, fixture_clip,
-                         fixture_inputs, fixture_settings, loss_tol, our_name, our_state, release_layout_state,
-                         run_script, run_train_py, script_env, tiny_options, train_py, weighted_l1_tol)
+from helpers import (EPS32, FP16_LOGIT_BOUND, KILL_AFTER_FIRST_EPOCH, LOGIT_TOL, accuracies, assert_batch_independent,
+                     assert_ivlp_converted, assert_ivlp_release_checkpoint_evaluates_as_ours,
+                     assert_ivlp_release_gradients, fixture_clip, fixture_inputs, fixture_settings, images_for,
+                     ivlp_our_name, ivlp_release_layout_state, ivlp_state, ivlp_tiny_options, load_fixture, loss_tol,
+                     method_command, run, run_script, script_env, train_losses, weighted_l1_tol)
 from vlprompt.clip.class_features import ClassFeatureStore, frozen_class_features
 from vlprompt.clip.encoders import PromptedTextEncoder
 from vlprompt.clip.loading import backbone_shape
@@ -50,7 +48,7 @@ def release_model(rounded=False):
     classnames, _, _ = fixture_inputs("promptsrc")
     model = PromptSRC(fixture_clip(), fixture_settings(PromptSRCSettings, CASE), classnames,
                       fixture_frozen_text_features())
-    load_strict(model.prompt_learner, our_state(CASE, rounded), "depth3")
+    load_strict(model.prompt_learner, ivlp_state(CASE, rounded), "depth3")
     if rounded:  # the release's zero-shot logits use fp16-rounded class features (trainers/promptsrc.py:205)
         fixed = model.frozen_text_features.half().float()
         model.zero_shot_logits = lambda image: model.logit_scale.exp() * image @ fixed.t()
@@ -147,13 +145,13 @@ def test_as_shipped_differs_by_the_releases_fp16_rounding_only():
 def test_gradients_reach_exactly_the_release_trainables():
     model = release_model()
     loss_terms(model)[1].backward()
-    assert_release_gradients(model, CASE)
+    assert_ivlp_release_gradients(model, CASE)
     assert all(not p.requires_grad for p in fixture_clip().parameters())
 
 
 # ---- Gaussian prompt aggregation ---------------------------------------------------------------
 def set_epoch_state(model, state):
-    load_strict(model.prompt_learner, {our_name(k): v for k, v in state.items()}, "epoch state")
+    load_strict(model.prompt_learner, {ivlp_our_name(k): v for k, v in state.items()}, "epoch state")
 
 
 def test_gpa_weights_and_aggregate_are_the_releases():
@@ -165,7 +163,7 @@ def test_gpa_weights_and_aggregate_are_the_releases():
         model.end_epoch(epoch, 3)
     aggregated = model.prompt_learner.state_dict()
     for key, expected in gpa["aggregated"].items():
-        assert torch.equal(aggregated[our_name(key)], expected), key  # trainable state only: exact
+        assert torch.equal(aggregated[ivlp_our_name(key)], expected), key  # trainable state only: exact
 
 
 def test_gpa_survives_a_resume_which_the_release_loses(tmp_path):
@@ -222,17 +220,17 @@ def test_evaluation_does_not_depend_on_batch_size_or_order(tiny_clip):
 def test_a_short_training_run_lowers_the_loss(tiny_clip):
     model = tiny_model(tiny_clip)
     images = images_for(model, batch=10)
-    losses = train_steps(model, images, torch.arange(10) % len(CLASSES), steps=15)
+    losses = train_losses(model, images, torch.arange(10) % len(CLASSES), steps=15, eps=1e-3)
     assert losses[-1] < 0.75 * losses[0]  # measured 3.99 -> 2.26
 
 
 @pytest.mark.parametrize("layout", ["checkpoint_fp32", "checkpoint_fp16"])
 def test_release_checkpoint_layouts_convert_to_our_prompts(layout):
     """The release's keys: its whole CustomCLIP and a second frozen image tower (ZS_image_encoder)."""
-    state = release_layout_state(CASE, layout)
+    state = ivlp_release_layout_state(CASE, layout)
     assert any(key.startswith("prompt_learner.ZS_image_encoder.") for key in state)
     converted = convert_release_state_dict(state)
-    assert_converted(state, converted)
+    assert_ivlp_converted(state, converted)
     load_strict(release_model().prompt_learner, converted, layout)
 
 
@@ -258,7 +256,7 @@ def promptsrc_run(workspace, tmp_path_factory):
     """The release's base-to-new commands (scripts/promptsrc/base2new_*.sh), tiny settings."""
     output = tmp_path_factory.mktemp("promptsrc_output")
     env = script_env(workspace, output)
-    options = tiny_options("PROMPTSRC") + ["TRAINER.PROMPTSRC.GPA_MEAN", "2"]
+    options = ivlp_tiny_options("PROMPTSRC") + ["TRAINER.PROMPTSRC.GPA_MEAN", "2"]
     trained = run_script(workspace, env, "promptsrc/base2new_train.sh", "caltech101", "1", options=options)
     tested = run_script(workspace, env, "promptsrc/base2new_test.sh", "caltech101", "1", options=options)
     run_dir = output / "base2new/train_base/caltech101/shots_16/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx/seed1"
@@ -270,7 +268,7 @@ def test_release_scripts_train_aggregate_and_test(promptsrc_run):
     _, trained, tested, run_dir = promptsrc_run
     assert "GPA: the prompts are now the Gaussian-weighted sum over 2 epochs" in trained.stdout
     assert "loss_scl_text" in trained.stdout and "SUBSAMPLE_CLASSES: new" in tested.stdout
-    assert 0 <= accuracy(tested.stdout) <= 100
+    assert 0 <= accuracies(tested.stdout)[-1] <= 100
     checkpoint = torch.load(run_dir / "VLPromptLearner" / "model.pth.tar-2", weights_only=True)
     assert len(checkpoint["state_dict"]) == 6  # the prompts only: no frozen tower, no second image tower
 
@@ -279,22 +277,22 @@ def test_release_scripts_train_aggregate_and_test(promptsrc_run):
 def test_release_checkpoint_evaluates_as_our_own(promptsrc_run, workspace, tmp_path):
     options, _, _, run_dir = promptsrc_run
     # its frozen image tower, saved under prompt_learner, is dropped
-    assert_release_checkpoint_evaluates_as_ours(workspace, "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", run_dir,
+    assert_ivlp_release_checkpoint_evaluates_as_ours(workspace, "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", run_dir,
                                                 tmp_path, options,
                                                 {"prompt_learner.ZS_image_encoder.conv1.weight": torch.zeros(1)})
 
 
 @requires_dassl
 def test_a_killed_and_resumed_run_ends_with_the_same_aggregated_prompts(workspace, tmp_path):
-    options = tiny_options("PROMPTSRC", epochs=3) + ["TRAINER.PROMPTSRC.GPA_MEAN", "2"]
-    straight = train_py(workspace, "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", tmp_path / "straight", options)
-    resumed = train_py(workspace, "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", tmp_path / "resumed", options)
-    run_train_py(straight)
-    killed = run_train_py([sys.executable, "-c", KILL_AFTER_FIRST_EPOCH] + resumed[1:], ok=False)
+    options = ivlp_tiny_options("PROMPTSRC", epochs=3) + ["TRAINER.PROMPTSRC.GPA_MEAN", "2"]
+    straight = method_command(workspace, "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", tmp_path / "straight", options)
+    resumed = method_command(workspace, "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", tmp_path / "resumed", options)
+    run(straight)
+    killed = run([sys.executable, "-c", KILL_AFTER_FIRST_EPOCH] + resumed[1:], expect_ok=False)
     assert killed.returncode == -signal.SIGKILL
     resume_file = tmp_path / "resumed" / "VLPromptLearner" / "resume.pth.tar"
     assert sorted(torch.load(resume_file, weights_only=True)["run_state"]["model"]) == ["gpa_epochs", "gpa_sum"]
-    again = run_train_py(resumed)
+    again = run(resumed)
     assert "after epoch 1" in again.stdout and "GPA: the prompts are now" in again.stdout
     last = "VLPromptLearner/model.pth.tar-3"
     a = torch.load(tmp_path / "straight" / last, weights_only=True)["state_dict"]

@@ -31,13 +31,6 @@ def loss_tol(loss: torch.Tensor, logits: torch.Tensor) -> float:
     return 8 * EPS32 * (abs(float(loss)) + float(logits.abs().max()))
 
 
-@pytest.fixture(scope="module")
-def tiny_b_clip():
-    """The fixtures' CLIP, rebuilt from arch and seed the same way on every CPU kernel."""
-    from vlprompt.clip.loading import clip_from_state_dict, freeze
-    return freeze(clip_from_state_dict(generator().fixture_clip_state_dict()))
-
-
 # ---- the files ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ALL_FIXTURES)
 def test_fixture_loads_without_pickled_code_and_stays_small(method):
@@ -210,17 +203,17 @@ BASE_CASES = [(m, n) for m, n in cases(("coop", "ivlp", "maple", "promptsrc")) i
 
 @pytest.mark.parametrize("method,name", BASE_CASES)
 @pytest.mark.parametrize("mode", MODES)
-def test_prompted_clip_base_reproduces_the_release_logits(tiny_b_clip, method, name, mode):
+def test_prompted_clip_base_reproduces_the_release_logits(release_clip, method, name, mode):
     from vlprompt.clip.encoders import PromptedImageEncoder, PromptedTextEncoder
     fixture = load_fixture(method)
     case = fixture["cases"][name]
     rounded = (lambda t: t.half().float()) if mode == "as_shipped" else (lambda t: t)
     text_prompts, image_prompts = prompts_of(method, release_state(case), 3, rounded)
     with torch.no_grad():
-        text = PromptedTextEncoder(tiny_b_clip)(case["tokenized_prompts"], text_prompts)
-        image = PromptedImageEncoder(tiny_b_clip)(fixture["inputs"]["images"], image_prompts)
+        text = PromptedTextEncoder(release_clip)(case["tokenized_prompts"], text_prompts)
+        image = PromptedImageEncoder(release_clip)(fixture["inputs"]["images"], image_prompts)
         text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
-        logits = tiny_b_clip.logit_scale.exp() * image @ text.t()
+        logits = release_clip.logit_scale.exp() * image @ text.t()
     results = case["results"]
     torch.testing.assert_close(logits, results[mode]["eval_logits"], rtol=0, atol=LOGIT_TOL)
     other = results["no_casts" if mode == "as_shipped" else "as_shipped"]["eval_logits"]

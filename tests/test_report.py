@@ -218,7 +218,7 @@ def test_unfinished_runs_are_named_as_unfinished(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("MaPLe", "give its config as MaPLe/CFG"),
+    ("KgCoOp", "give its config as KgCoOp/CFG"),
     ("ZeroshotCLIP", "ZeroshotCLIP has no fewshot runs"),
     ("X={output}/{foo}/{dataset}", "unknown placeholder(s) {foo}"),
     ("X={output}/{dataset", "the template does not parse"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import requires_dassl
-from helpers import accuracies, release_name, run, train_command
+from helpers import KILL_AFTER_FIRST_EPOCH, accuracies, release_name, run, train_command
 
 pytestmark = requires_dassl
 
@@ -55,20 +55,6 @@ def test_eval_only_with_load_epoch_and_missing_checkpoint(trained, workspace):
     assert "model.pth.tar-2" in proc.stdout and len(accuracies(proc.stdout)) == 1
     proc = run(train_command(workspace, workspace / "ep9", "--load-epoch", "9", eval_only_from=model_dir), expect_ok=False)
     assert proc.returncode != 0 and "No checkpoint at" in proc.stderr and "model.pth.tar-9" in proc.stderr
-
-
-KILL_AFTER_FIRST_EPOCH = """
-import os, runpy, signal, sys
-import trainers.clip_prompt as glue
-original = glue.ClipPromptTrainer.after_epoch
-def after_epoch(self):
-    original(self)
-    if self.epoch == 0:
-        os.kill(os.getpid(), signal.SIGKILL)  # as a cluster job killed mid-run
-glue.ClipPromptTrainer.after_epoch = after_epoch
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def test_killed_run_resumes_to_the_same_result(workspace):

@@ -28,7 +28,7 @@ import re
 import string
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -512,44 +512,51 @@ def _short(value: Optional[float], incomplete: bool) -> str:
     return "missing" if value is None else f"{value:.2f}" + ("*" if incomplete else "")
 
 
-def base2new_csv(rows: List[Base2NewRow], datasets: Sequence[str]) -> str:
+def csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def base2new_csv(rows: List[Base2NewRow], datasets: Sequence[str]) -> str:
+    return csv_text(CSV_HEADER, _base2new_csv_rows(rows, datasets))
+
+
+def _base2new_csv_rows(rows: List[Base2NewRow], datasets: Sequence[str]) -> Iterator[list]:
     synthetic = is_synthetic(datasets)
     for r in rows:
         a = r.average
         for metric, side in (("base", a.base), ("new", a.new)):
-            writer.writerow([r.method.label, "average", 16, metric, _num(side.mean), _num(side.std), side.seeds,
-                             side.of_seeds, side.datasets, side.of_datasets, side.complete, synthetic])
-        writer.writerow([r.method.label, "average", 16, "hm", _num(a.hm), _num(a.hm_std), a.base.seeds,
-                         a.base.of_seeds, a.base.datasets, a.base.of_datasets, a.complete, synthetic])
+            yield [r.method.label, "average", 16, metric, _num(side.mean), _num(side.std), side.seeds,
+                   side.of_seeds, side.datasets, side.of_datasets, side.complete, synthetic]
+        yield [r.method.label, "average", 16, "hm", _num(a.hm), _num(a.hm_std), a.base.seeds,
+               a.base.of_seeds, a.base.datasets, a.base.of_datasets, a.complete, synthetic]
         for d in datasets:
             bn = r.datasets[d]
             for metric, c in (("base", bn.base), ("new", bn.new)):
-                writer.writerow([r.method.label, d, 16, metric, _num(c.mean), _num(c.std), len(c.values), c.expected,
-                                 "", "", c.complete, synthetic])
+                yield [r.method.label, d, 16, metric, _num(c.mean), _num(c.std), len(c.values), c.expected,
+                       "", "", c.complete, synthetic]
             paired = len(set(bn.base.by_seed) & set(bn.new.by_seed))
-            writer.writerow([r.method.label, d, 16, "hm", _num(bn.hm), _num(bn.hm_std), paired, bn.base.expected,
-                             "", "", bn.complete, synthetic])
-    return buffer.getvalue()
+            yield [r.method.label, d, 16, "hm", _num(bn.hm), _num(bn.hm_std), paired, bn.base.expected,
+                   "", "", bn.complete, synthetic]
 
 
 def base2new_wide_csv(rows: List[Base2NewRow], datasets: Sequence[str]) -> str:
     """One row per method: average then each dataset's base, new, hm (means); what is incomplete."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "average_base", "average_new", "average_hm", "average_covers"]
-                    + [f"{d}_{m}" for d in datasets for m in ("base", "new", "hm")] + ["incomplete", "synthetic"])
+    header = (["method", "average_base", "average_new", "average_hm", "average_covers"]
+              + [f"{d}_{m}" for d in datasets for m in ("base", "new", "hm")] + ["incomplete", "synthetic"])
+    lines = []
     for r in rows:
         incomplete = [f"{d}:{side}({c.seeds_note})" for d in datasets
                       for side, c in (("base", r.datasets[d].base), ("new", r.datasets[d].new)) if c.seeds_note]
-        writer.writerow([r.method.label, _num(r.average.base.mean), _num(r.average.new.mean), _num(r.average.hm),
-                         r.average.base.coverage]
-                        + [_num(v) for d in datasets for v in (r.datasets[d].base.mean, r.datasets[d].new.mean,
-                                                                r.datasets[d].hm)]
-                        + [" ".join(incomplete), is_synthetic(datasets)])
-    return buffer.getvalue()
+        lines.append([r.method.label, _num(r.average.base.mean), _num(r.average.new.mean), _num(r.average.hm),
+                      r.average.base.coverage]
+                     + [_num(v) for d in datasets for v in (r.datasets[d].base.mean, r.datasets[d].new.mean,
+                                                             r.datasets[d].hm)]
+                     + [" ".join(incomplete), is_synthetic(datasets)])
+    return csv_text(header, lines)
 
 
 def accuracy_markdown(task: str, rows: List[AccuracyRow], datasets: Sequence[str]) -> str:
@@ -562,19 +569,19 @@ def accuracy_markdown(task: str, rows: List[AccuracyRow], datasets: Sequence[str
 
 
 def accuracy_csv(task: str, rows: List[AccuracyRow], datasets: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
+    return csv_text(CSV_HEADER, _accuracy_csv_rows(rows, datasets))
+
+
+def _accuracy_csv_rows(rows: List[AccuracyRow], datasets: Sequence[str]) -> Iterator[list]:
     synthetic = is_synthetic(datasets)
     for r in rows:
         a = r.average
-        writer.writerow([r.method.label, "average", r.shots, "accuracy", _num(a.mean), _num(a.std), a.seeds, a.of_seeds,
-                         a.datasets, a.of_datasets, a.complete, synthetic])
+        yield [r.method.label, "average", r.shots, "accuracy", _num(a.mean), _num(a.std), a.seeds, a.of_seeds,
+               a.datasets, a.of_datasets, a.complete, synthetic]
         for d in datasets:
             c = r.cells_by_dataset[d]
-            writer.writerow([r.method.label, d, r.shots, "accuracy", _num(c.mean), _num(c.std), len(c.values),
-                             c.expected, "", "", c.complete, synthetic])
-    return buffer.getvalue()
+            yield [r.method.label, d, r.shots, "accuracy", _num(c.mean), _num(c.std), len(c.values),
+                   c.expected, "", "", c.complete, synthetic]
 
 
 # ---- the report -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ CTX_INIT, whose words give both the initial context and its length.
 """
 import functools
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 from clip.simple_tokenizer import SimpleTokenizer

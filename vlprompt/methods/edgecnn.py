@@ -7,13 +7,13 @@ The toolkit's sibling system: CLIP prompt learning and EdgeCNN run on the same e
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..files import CheckpointError
-from .registry import ReleaseCheckpoint, register_method
+from .registry import ReleaseCheckpoint, keys_under, register_method
 from .settings import option
 
 EMOTIONS_FER = ("angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral")
@@ -116,8 +116,7 @@ def ten_crop_logits(model: nn.Module, crops: Tensor) -> Tensor:
 RELEASE_FILE = "PrivateTest_model.t7"
 
 
-def is_release_state_dict(keys: Iterable[str]) -> bool:
-    return any(k.startswith(("features.conv0.", "module.features.conv0.")) for k in keys)
+is_release_state_dict = keys_under("features.conv0.")
 
 
 def convert_release_state_dict(release_state: Dict[str, Tensor], num_classes: int = 7) -> Dict[str, Tensor]:

@@ -8,7 +8,7 @@ depart from the release.
 """
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from ..clip.loading import backbone_shape
 from ..clip.templates import GENERIC_TEMPLATES
 from .base import LossOutput, PromptedCLIPClassifier
 from .common import MAX_CONTEXT_TOKENS, normalize
-from .registry import ClassTexts, ReleaseCheckpoint, register_method
+from .registry import ClassTexts, ReleaseCheckpoint, keys_under, register_method
 from .settings import BackboneShape, ConfigError, checked, option
 
 MAPPER_MODES = ("learned", "release")
@@ -266,8 +266,7 @@ def convert_release_state_dict(release_state: Dict[str, Tensor]) -> Dict[str, Te
     return ours
 
 
-def is_release_state_dict(keys: Iterable[str]) -> bool:
-    return any(k.startswith(("prompt_learner.", "module.prompt_learner.")) for k in keys)
+is_release_state_dict = keys_under("prompt_learner.")
 
 
 register_method(

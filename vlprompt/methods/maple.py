@@ -8,7 +8,7 @@ from the release (github.com/muzairkhattak/multimodal-prompt-learning, trainers/
 """
 import copy
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
 from .common import MAX_CONTEXT_TOKENS, ctx_init_words
-from .registry import ReleaseCheckpoint, register_method
+from .registry import ReleaseCheckpoint, keys_under, register_method
 from .settings import BackboneShape, ConfigError, checked, option
 
 # The IVLP family's CTX_INIT rule (the release's maple.py:84-97): CTX_INIT seeds the context only
@@ -132,8 +132,7 @@ def convert_release_state_dict(release_state: Dict[str, Tensor]) -> Dict[str, Te
     return ours
 
 
-def is_release_state_dict(keys: Iterable[str]) -> bool:
-    return any(k.startswith(("prompt_learner.", "module.prompt_learner.")) for k in keys)
+is_release_state_dict = keys_under("prompt_learner.")
 
 
 register_method(

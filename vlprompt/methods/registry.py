@@ -47,6 +47,14 @@ class ReleaseCheckpoint:
     convert: Callable[[Dict[str, Any]], Dict[str, Any]]
 
 
+def keys_under(*prefixes: str) -> Callable[[Iterable[str]], bool]:
+    """A `recognizes` for ReleaseCheckpoint: some key starts with one of `prefixes` (DataParallel's
+    "module." in front or not). The releases that save their whole CustomCLIP keep what they learn
+    under "prompt_learner."; our checkpoints hold the prompt learner's own names."""
+    wanted = tuple(prefixes) + tuple(f"module.{p}" for p in prefixes)
+    return lambda keys: any(key.startswith(wanted) for key in keys)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str  # trainer name (--trainer, TRAINER.NAME) and configs/trainers/<name>/
