@@ -82,7 +82,7 @@ def test_ctx_init_seeds_the_first_text_prompt_only_up_to_four_tokens():
 
 def test_ctx_init_shorter_than_the_context_is_refused(tiny_clip):
     # the release would learn EOT and padding embeddings and overwrite the class name
-    with pytest.raises(ConfigError, match=r"^CTX_INIT='a photo' is invalid: has 2 tokens, fewer than N_CTX_TEXT=4"):
+    with pytest.raises(ConfigError, match=r"^CTX_INIT='a photo' is invalid: has 2 token\(s\), fewer than N_CTX_TEXT=4"):
         IVLP(tiny_clip, IVLPSettings(**{**TINY, "n_ctx_text": 4, "ctx_init": "a photo"}), CLASSES)
 
 

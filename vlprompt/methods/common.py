@@ -19,6 +19,26 @@ def ctx_init_words(ctx_init: str) -> int:
     return int(tokens.argmax()) - 1
 
 
+# The IVLP family's releases (IVLP, MaPLe, PromptSRC) seed the text context from CTX_INIT only
+# when the context has at most this many tokens; a longer context is random whatever CTX_INIT says.
+IVLP_FAMILY_INIT_MAX_TOKENS = 4
+
+
+def ivlp_family_init_words(ctx_init: str, n_ctx: int) -> str:
+    """CTX_INIT as the IVLP family's releases use it: only for a context of at most 4 tokens."""
+    return ctx_init if n_ctx <= IVLP_FAMILY_INIT_MAX_TOKENS else ""
+
+
+def check_init_fills_context(init_words: str, n_ctx: int, n_ctx_key: str) -> None:
+    """CTX_INIT, when used, must cover the context: with fewer tokens the releases take the
+    embeddings of EOT and padding as context and overwrite the class name."""
+    words = init_words.replace("_", " ").strip()
+    if words and ctx_init_words(words) < n_ctx:
+        raise ConfigError("ctx_init", init_words,
+                          f"has {ctx_init_words(words)} token(s), fewer than {n_ctx_key}={n_ctx}: give at least "
+                          f"{n_ctx} tokens of words, lower {n_ctx_key}, or set CTX_INIT '' (random context)")
+
+
 def initial_context(token_embedding: nn.Embedding, n_ctx: int, ctx_init: str) -> Tuple[Optional[Tensor], str]:
     """First-layer text context and the words that reserve its positions.
 

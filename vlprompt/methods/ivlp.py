@@ -19,13 +19,10 @@ from torch import Tensor, nn
 
 from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
-from .common import MAX_CONTEXT_TOKENS, ctx_init_words
+from .common import MAX_CONTEXT_TOKENS, check_init_fills_context, ivlp_family_init_words
 from .registry import ReleaseCheckpoint, register_method
 from .settings import BackboneShape, ConfigError, checked, option
 
-# The IVLP family (IVLP, MaPLe, PromptSRC) seeds the text context from CTX_INIT only when
-# N_CTX_TEXT <= 4; with more tokens the context is random whatever CTX_INIT says.
-CTX_INIT_MAX_TOKENS = 4
 MAX_VISUAL_TOKENS = 1024  # more than ViT-L/14@336 has patches (576); guards against typos only
 
 
@@ -50,7 +47,7 @@ class IVLPSettings:
     @property
     def init_words(self) -> str:
         """CTX_INIT as the release uses it: only when N_CTX_TEXT <= 4."""
-        return self.ctx_init if self.n_ctx_text <= CTX_INIT_MAX_TOKENS else ""
+        return ivlp_family_init_words(self.ctx_init, self.n_ctx_text)
 
     def validate(self, shape: BackboneShape) -> None:
         """Limits that depend on the backbone, and CTX_INIT's length."""
@@ -63,13 +60,7 @@ class IVLPSettings:
             raise ConfigError("prompt_depth_vision", self.prompt_depth_vision,
                               f"must be in [0, {shape.vision_layers}]: this backbone has {shape.vision_layers} "
                               f"vision layers (prompts enter layers 0..PROMPT_DEPTH_VISION-1)")
-        words = self.init_words.replace("_", " ").strip()
-        if words and ctx_init_words(words) < self.n_ctx_text:
-            # the release would take EOT and padding embeddings as context and overwrite the class name
-            raise ConfigError("ctx_init", self.ctx_init,
-                              f"has {ctx_init_words(words)} tokens, fewer than N_CTX_TEXT={self.n_ctx_text}: "
-                              f"give at least {self.n_ctx_text} tokens of words, lower N_CTX_TEXT, or set CTX_INIT '' "
-                              f"(random context)")
+        check_init_fills_context(self.init_words, self.n_ctx_text, "N_CTX_TEXT")
 
 
 def _normal(*shape: int) -> Tensor:

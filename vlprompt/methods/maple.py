@@ -15,29 +15,26 @@ from torch import Tensor, nn
 
 from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
-from .common import MAX_CONTEXT_TOKENS, ctx_init_words
+from .common import (IVLP_FAMILY_INIT_MAX_TOKENS, MAX_CONTEXT_TOKENS, check_init_fills_context,
+                     ivlp_family_init_words)
 from .registry import ReleaseCheckpoint, keys_under, register_method
 from .settings import BackboneShape, ConfigError, checked, option
-
-# The IVLP family's CTX_INIT rule (the release's maple.py:84-97): CTX_INIT seeds the context only
-# when N_CTX is at most this; a longer context starts random after "X" placeholders.
-CTX_INIT_MAX_N_CTX = 4
 
 
 @dataclass(frozen=True)
 class MaPLeSettings:
     n_ctx: int = option(2, "prompt tokens per layer (text; the visual ones are projected from them)",
                         low=1, high=MAX_CONTEXT_TOKENS)
-    ctx_init: str = option("a photo of a", f"words of the prompt prefix; with N_CTX <= {CTX_INIT_MAX_N_CTX} the "
-                                           f"first N_CTX of them seed the context, the rest stay fixed "
+    ctx_init: str = option("a photo of a", f"words of the prompt prefix; with N_CTX <= {IVLP_FAMILY_INIT_MAX_TOKENS} "
+                                           f"the first N_CTX of them seed the context, the rest stay fixed "
                                            f"tokens (with a larger N_CTX the context starts random)")
     prompt_depth: int = option(9, "layers carrying prompts: the first-layer context and PROMPT_DEPTH-1 deep "
                                   "prompts entering layers 1..PROMPT_DEPTH-1 (1: first layer only)", low=1)
 
     @property
-    def seeds_context(self) -> bool:
-        """Whether CTX_INIT gives the first-layer context (else it is random after X's)."""
-        return bool(self.ctx_init.strip()) and self.n_ctx <= CTX_INIT_MAX_N_CTX
+    def init_words(self) -> str:
+        """CTX_INIT as the release uses it (the IVLP family's rule): only when N_CTX <= 4."""
+        return ivlp_family_init_words(self.ctx_init, self.n_ctx)
 
     def validate(self, shape: BackboneShape) -> None:
         """Limits of the backbone; the release creates prompts beyond them that never get a gradient."""
@@ -46,11 +43,7 @@ class MaPLeSettings:
                               f"must be in [1, {shape.layers}]: deep prompts enter layers 1..PROMPT_DEPTH-1 of both "
                               f"towers, and this backbone has {shape.text_layers} text and {shape.vision_layers} "
                               f"vision layers")
-        if self.seeds_context and ctx_init_words(self.ctx_init) < self.n_ctx:
-            # the release would take the embeddings of EOT and padding as context, over the class name
-            raise ConfigError("ctx_init", self.ctx_init,
-                              f"has {ctx_init_words(self.ctx_init)} token(s), fewer than N_CTX={self.n_ctx}: "
-                              f"give at least N_CTX words, or '' for a random context")
+        check_init_fills_context(self.init_words, self.n_ctx, "N_CTX")
 
 
 def _normal(*shape: int) -> Tensor:
@@ -92,7 +85,7 @@ class MaPLe(PromptedCLIPClassifier):
     def __init__(self, clip_model: nn.Module, settings: MaPLeSettings, classnames: Sequence[str],
                  frozen_text_features: Optional[Tensor] = None):
         checked(settings, backbone_shape(clip_model))
-        super().__init__(clip_model, settings.n_ctx, settings.ctx_init if settings.seeds_context else "", classnames)
+        super().__init__(clip_model, settings.n_ctx, settings.init_words, classnames)
         self.settings = settings
         self.prompt_learner = MaPLePromptLearner(settings.n_ctx, settings.prompt_depth, self.text_encoder.width,
                                                  self.image_encoder.width, self.first_context)
