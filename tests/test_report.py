@@ -170,6 +170,17 @@ def test_cross_dataset_report_includes_the_source(tmp_path):
     assert_picture(tmp_path / "r" / "xd.png")
 
 
+def test_toy_keyword_reports_the_toy_transfer_with_its_source(tmp_path):
+    write(tmp_path / "toy_objects/HiCroPL/x_16shots/seed1/log.txt", train_log(80.0))
+    for dataset, acc in {"toy_patterns": 40.0, "toy_textiles": 30.0}.items():
+        write(tmp_path / "evaluation/HiCroPL/x_16shots" / dataset / "seed1/log.txt", eval_log(acc))
+    result = report("xd", ["HiCroPL/x"], str(tmp_path), ["toy"], seeds=[1], out=str(tmp_path / "r"), **QUIET)
+    assert result.datasets == ["toy_objects", "toy_patterns", "toy_textiles"]
+    assert result.rows[0].average.mean == 35.0  # the targets only, not the source
+    assert "| Method | Source: ToyObjects | ToyPatterns | ToyTextiles | Average |" in result.markdown
+    assert "SYNTHETIC" in result.markdown.splitlines()[0]
+
+
 def test_toy_datasets_are_labelled_synthetic_everywhere(tmp_path):
     base2new_layout(tmp_path / "base2new", {"toy_objects": ((70.0, 71.0), (50.0, 51.0)),
                                             "toy_shapes": ((60.0, 61.0), (40.0, 41.0))}, "CoOp", "toy")

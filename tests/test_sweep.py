@@ -30,7 +30,7 @@ def test_dry_run_lists_the_expected_commands(capsys):
     assert sweep.main(["--task", "base2new", "--trainer", "HiCroPL", "--datasets", "dtd", "--seeds", "1", "2",
                        "--data", "/data", "--output", "/nowhere", "--dry-run", "--", "TRAINER.HICROPL.PREC", "amp"]) == 0
     out = capsys.readouterr().out
-    env = "DATA=/data OUTPUT=/nowhere CFG=vit_b16_c2_ep50_batch32_16ctx SOURCE=imagenet"
+    env = "DATA=/data OUTPUT=/nowhere CFG=vit_b16_c2_ep50_batch32_16ctx"  # no SOURCE: base-to-new has none
     run = f"{sys.executable} -m vlprompt.run"
     for seed in (1, 2):
         assert (f"base2new_train/dtd/seed{seed}: {env} {run} base2new_train HiCroPL dtd {seed} "
@@ -38,6 +38,30 @@ def test_dry_run_lists_the_expected_commands(capsys):
         assert (f"base2new_test/dtd/seed{seed}: {env} {run} base2new_test HiCroPL dtd {seed} "
                 f"TRAINER.HICROPL.PREC amp   [after base2new_train/dtd/seed{seed}]") in out
     assert "4 runs, 0 finished already, 4 to run" in out
+    assert "SOURCE=" not in out
+
+
+def test_toy_keyword_selects_the_toy_worlds_datasets_and_source(capsys, monkeypatch):
+    monkeypatch.delenv("DATA", raising=False)
+    assert sweep.main(["--task", "xd", "--trainer", "HiCroPL", "--datasets", "toy", "--seeds", "1",
+                       "--output", "/nowhere", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "SOURCE=toy_objects" in captured.out
+    assert "xd_train HiCroPL toy_objects 1" in captured.out
+    assert [line.split(":")[0] for line in captured.out.splitlines() if line.startswith("xd_test/")] == \
+        ["xd_test/toy_patterns/seed1", "xd_test/toy_textiles/seed1"]
+    assert "warning: DATA is not set" in captured.err  # a dry run still shows the commands
+    assert sweep.main(["--task", "dg", "--trainer", "HiCroPL", "--datasets", "toy", "--seeds", "1",
+                       "--data", "/d", "--dry-run"]) == 0
+    assert "xd_test HiCroPL toy_objects_shifted 1" in capsys.readouterr().out
+
+
+def test_unknown_dataset_is_refused_with_the_known_names():
+    with pytest.raises(SystemExit, match=r"unknown dataset\(s\) caltech: .*Known: .*caltech101.*toy_objects"):
+        sweep.main(["--task", "base2new", "--trainer", "HiCroPL", "--datasets", "caltech", "--dry-run"])
+    with pytest.raises(SystemExit, match=r"unknown dataset\(s\) imagenet1k"):
+        sweep.main(["--task", "xd", "--trainer", "HiCroPL", "--datasets", "dtd", "--source", "imagenet1k",
+                    "--dry-run"])
 
 
 KILLER = """#!{python}

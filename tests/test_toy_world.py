@@ -108,6 +108,9 @@ def test_shipped_weights_are_a_compact_fp16_clip_state_dict():
     used[world_token_ids()] = True
     assert embedding[~used].abs().max() == 0  # unused tokens: zero rows (git compresses them)
     assert (embedding[used].abs().amax(dim=1) > 0).all()
+    # MODEL.BACKBONE.NAME "toy" names these shapes (the recipes' preflight checks read them)
+    from vlprompt.clip.loading import architecture_shape, backbone_shape, load_clip
+    assert architecture_shape("toy") == backbone_shape(load_clip("toy", path=TOY_CLIP_PATH))
 
 
 # ---- learning quality ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 vlprompt.run writes runs there; the sweep (to skip and order runs) and the report (to read them)
 go through the same functions."""
 import os
+from typing import List, Tuple
 
 # The 11 base-to-new datasets in the papers' order, the cross-dataset targets (ImageNet is the
 # source) and the domain-generalisation targets (ImageNet's variants).
@@ -9,6 +10,35 @@ BASE2NEW_DATASETS = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "
                      "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
 XD_TARGETS = [d for d in BASE2NEW_DATASETS if d != "imagenet"]
 DG_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+
+# The toy world (datasets/toy_world.py; SYNTHETIC) as a quick stand-in for them: ToyObjects in
+# ImageNet's role, its shifted domain as the domain-generalisation target, the two other class
+# sets as cross-dataset targets.
+TOY_BASE2NEW_DATASETS = ["toy_objects", "toy_patterns", "toy_textiles"]
+TOY_XD_TARGETS = ["toy_patterns", "toy_textiles"]
+TOY_DG_TARGETS = ["toy_objects_shifted"]
+
+# `--datasets all` or `--datasets toy` of the sweep and the report: (source, datasets) per task;
+# the source is what xd and dg train on.
+DATASET_KEYWORDS = {
+    "all": ("imagenet", {"base2new": BASE2NEW_DATASETS, "fewshot": BASE2NEW_DATASETS,
+                         "xd": XD_TARGETS, "dg": DG_TARGETS}),
+    "toy": ("toy_objects", {"base2new": TOY_BASE2NEW_DATASETS, "fewshot": TOY_BASE2NEW_DATASETS,
+                            "xd": TOY_XD_TARGETS, "dg": TOY_DG_TARGETS}),
+}
+SOURCES = [source for source, _ in DATASET_KEYWORDS.values()]
+
+
+def known_datasets(repo: str) -> List[str]:
+    """Dataset names a run accepts: the configs in configs/datasets/."""
+    folder = os.path.join(repo, "configs", "datasets")
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
+def keyword_datasets(task: str, keyword: str) -> Tuple[str, List[str]]:
+    """(source, datasets) a task uses under a keyword of DATASET_KEYWORDS."""
+    source, per_task = DATASET_KEYWORDS[keyword]
+    return source, list(per_task[task])
 
 
 def config_name(cfg: str) -> str:

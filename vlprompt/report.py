@@ -41,12 +41,15 @@ from .results import TEST_END, TRAIN_END, harmonic_mean, read_run
 TASKS = ("base2new", "xd", "dg", "fewshot")
 TEMPLATE_FIELDS = ("output", "dataset", "seed", "shots", "stage")
 NAME = re.compile(r"[\w.+-]+")  # a trainer or config folder name
-PAPER_ORDER = layout.BASE2NEW_DATASETS + layout.DG_TARGETS
+PAPER_ORDER = (layout.BASE2NEW_DATASETS + layout.DG_TARGETS + layout.TOY_BASE2NEW_DATASETS
+               + layout.TOY_DG_TARGETS)
 DISPLAY_NAMES = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets",
                  "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102", "food101": "Food101",
                  "fgvc_aircraft": "FGVCAircraft", "sun397": "SUN397", "dtd": "DTD", "eurosat": "EuroSAT",
                  "ucf101": "UCF101", "imagenetv2": "ImageNetV2", "imagenet_sketch": "ImageNet-Sketch",
-                 "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R"}
+                 "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R", "toy_objects": "ToyObjects",
+                 "toy_patterns": "ToyPatterns", "toy_textiles": "ToyTextiles",
+                 "toy_objects_shifted": "ToyObjectsShifted"}
 TASK_TITLES = {"base2new": "Base-to-new generalisation", "xd": "Cross-dataset transfer",
                "dg": "Domain generalisation", "fewshot": "Few-shot classification"}
 SYNTHETIC_MARK = "SYNTHETIC toy-world data, not comparable with published results"
@@ -117,8 +120,8 @@ class Method:
         if task in ("xd", "dg"):
             if evaluation_only(t):
                 return [(layout.eval_only(output, dataset, t, cfg), TEST_END)]
-            if dataset == "imagenet":  # the source accuracy: the training run's own test
-                return [(layout.xd_train(output, "imagenet", t, cfg, seed), TRAIN_END)]
+            if dataset in layout.SOURCES:  # the source accuracy: the training run's own test
+                return [(layout.xd_train(output, dataset, t, cfg, seed), TRAIN_END)]
             return [(layout.xd_test(output, dataset, t, cfg, seed), TEST_END)]
         return [(layout.few_shot(output, dataset, t, cfg, shots, seed), TRAIN_END)]
 
@@ -379,12 +382,12 @@ def base2new_rows(methods, output, datasets, seeds) -> List[Base2NewRow]:
 
 
 def accuracy_rows(task, methods, output, datasets, seeds, shots_list) -> List[AccuracyRow]:
-    """One row per (method, shots); in xd and dg ImageNet is the source, outside the average."""
+    """One row per (method, shots); in xd and dg the source (ImageNet) is outside the average."""
     rows = []
     for m in methods:
         for shots in shots_list:
             cells = {d: collect_cell(m, seeds, lambda s: m.folders(output, task, d, s, shots)) for d in datasets}
-            targets = [c for d, c in cells.items() if d != "imagenet" or task == "fewshot"]
+            targets = [c for d, c in cells.items() if d not in layout.SOURCES or task == "fewshot"]
             rows.append(AccuracyRow(m, shots, cells, average_cells(targets)))
     return rows
 
@@ -561,7 +564,7 @@ def base2new_wide_csv(rows: List[Base2NewRow], datasets: Sequence[str]) -> str:
 
 def accuracy_markdown(task: str, rows: List[AccuracyRow], datasets: Sequence[str]) -> str:
     shots_col = task == "fewshot"
-    names = [("Source: " if d == "imagenet" and task in ("xd", "dg") else "") + display(d) for d in datasets]
+    names = [("Source: " if d in layout.SOURCES and task in ("xd", "dg") else "") + display(d) for d in datasets]
     header = ["Method"] + (["Shots"] if shots_col else []) + names + ["Average"]
     body = [[r.method.label] + ([str(r.shots)] if shots_col else []) + [r.cells_by_dataset[d].text() for d in datasets]
             + [r.average.text()] for r in rows]
@@ -598,9 +601,10 @@ class Report:
         return is_synthetic(self.datasets)
 
 
-def default_datasets(task: str) -> List[str]:
-    return {"base2new": layout.BASE2NEW_DATASETS, "fewshot": layout.BASE2NEW_DATASETS,
-            "xd": ["imagenet"] + layout.XD_TARGETS, "dg": ["imagenet"] + layout.DG_TARGETS}[task]
+def task_datasets(task: str, keyword: str = "all") -> List[str]:
+    """The datasets of a task under a --datasets keyword, with the source first for xd and dg."""
+    source, datasets = layout.keyword_datasets(task, keyword)
+    return ([source] if task in ("xd", "dg") else []) + datasets
 
 
 def build(task, method_specs, output="output", datasets=None, seeds=(1, 2, 3), shots=(1, 2, 4, 8, 16),
@@ -615,7 +619,9 @@ def build(task, method_specs, output="output", datasets=None, seeds=(1, 2, 3), s
                           f"(the scripts' OUTPUT; after scripts/hicropl/demo.sh: demo_output/output)")
     shots_list = list(shots) if task == "fewshot" else [16]
     methods = parse_methods(method_specs, task, shots_list)
-    datasets = ordered(datasets or default_datasets(task))
+    if not datasets or (len(datasets) == 1 and datasets[0] in layout.DATASET_KEYWORDS):
+        datasets = task_datasets(task, datasets[0] if datasets else "all")
+    datasets = ordered(datasets)
     seeds = list(dict.fromkeys(seeds))
     if task == "base2new":
         rows = base2new_rows(methods, output, datasets, seeds)
@@ -669,7 +675,8 @@ def main(argv=None) -> int:
     parser.add_argument("--method", action="append", required=True,
                         help="NAME, NAME/CFG, LABEL=NAME[/CFG] or LABEL=TEMPLATE; repeat for each method")
     parser.add_argument("--output", default="output", help="the runs' output root (default: output)")
-    parser.add_argument("--datasets", nargs="+", help="default: the task's usual datasets")
+    parser.add_argument("--datasets", nargs="+", help="names, 'all' (default: the papers' datasets for the task) "
+                                                      "or 'toy' (the synthetic toy world's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="fewshot only")
     parser.add_argument("--out", default="report", help="folder for the tables and figures")

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from . import layout  # noqa: E402
 from .report import Average, Cell, display, title  # noqa: E402
 
 MISSING = "missing"
@@ -158,11 +159,11 @@ def transfer_figure(task: str, rows, datasets: Sequence[str]):
     """xd / dg: one panel, the source first, then the targets and their average."""
     labels = [r.method.label for r in rows]
     colour = colours(labels)
-    groups = [("Source: " if d == "imagenet" else "") + display(d) for d in datasets] + ["Average"]
+    groups = [("Source: " if d in layout.SOURCES else "") + display(d) for d in datasets] + ["Average"]
     series = {r.method.label: [cell_bar(r.cells_by_dataset[d]) for d in datasets] + [average_bar(r.average)]
               for r in rows}
     fig, ax = plt.subplots(figsize=_bar_figure_size(len(groups), len(rows), 1))
-    source = [0] if datasets and datasets[0] == "imagenet" else []
+    source = [0] if datasets and datasets[0] in layout.SOURCES else []
     grouped_bars(ax, groups, series, colour, separators=source + [len(groups) - 2])
     share_bar_range([ax], [series])
     _legend(fig, labels, colour, any(b.note for bars in series.values() for b in bars))

@@ -73,8 +73,7 @@ class Context:
     def dataset_config(self, dataset: str) -> str:
         path = os.path.join(REPO, "configs", "datasets", f"{dataset}.yaml")
         if not os.path.isfile(path):
-            known = sorted(f[:-5] for f in os.listdir(os.path.join(REPO, "configs", "datasets")) if f.endswith(".yaml"))
-            raise UsageError(f"unknown dataset {dataset!r}: no {path} (known: {', '.join(known)})")
+            raise UsageError(f"unknown dataset {dataset!r}: no {path} (known: {', '.join(layout.known_datasets(REPO))})")
         return path
 
     def train_args(self, dataset: str, seed: str, *extra: str) -> List[str]:

@@ -96,8 +96,22 @@ class Grid:
 
 
 def default_datasets(task: str) -> List[str]:
-    return {"base2new": layout.BASE2NEW_DATASETS, "fewshot": layout.BASE2NEW_DATASETS, "xd": layout.XD_TARGETS,
-            "dg": layout.DG_TARGETS}[task]
+    return layout.keyword_datasets(task, "all")[1]
+
+
+def datasets_and_source(task: str, datasets: List[str], source: Optional[str]) -> Tuple[List[str], str]:
+    """--datasets all / toy expand to the task's datasets (and, unless --source is given, their
+    source); names must be datasets the runs know."""
+    if len(datasets) == 1 and datasets[0] in layout.DATASET_KEYWORDS:
+        keyword_source, datasets = layout.keyword_datasets(task, datasets[0])
+        source = source or keyword_source
+    source = source or "imagenet"
+    known = layout.known_datasets(REPO)
+    unknown = [d for d in datasets + ([source] if task in ("xd", "dg") else []) if d not in known]
+    if unknown:
+        raise SystemExit(f"unknown dataset(s) {', '.join(unknown)}: no configs/datasets/<name>.yaml. Known: "
+                         f"{', '.join(known)}; or --datasets {' / '.join(layout.DATASET_KEYWORDS)}")
+    return datasets, source
 
 
 def execute_runs(commands: List[List[str]], env: Dict[str, str]) -> str:
@@ -126,7 +140,10 @@ def execute_runs(commands: List[List[str]], env: Dict[str, str]) -> str:
 
 
 def job_env(grid: Grid, data: str, cfg: str) -> Dict[str, str]:
-    env = {"DATA": data, "OUTPUT": grid.output, "CFG": cfg, "SOURCE": grid.source, "PYTHONUNBUFFERED": "1"}
+    """The variables the task scripts read; SOURCE only where a task trains on it (xd, dg)."""
+    env = {"DATA": data, "OUTPUT": grid.output, "CFG": cfg, "PYTHONUNBUFFERED": "1"}
+    if grid.task in ("xd", "dg"):
+        env["SOURCE"] = grid.source
     if "PYTHON" in os.environ:
         env["PYTHON"] = os.environ["PYTHON"]
     return env
@@ -253,11 +270,14 @@ def parse_args(argv=None):
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--trainer", required=True, choices=sorted(spec.name for spec in methods()
                                                                     if set(spec.default_configs) - {"train"}))
-    parser.add_argument("--datasets", nargs="+", default=["all"], help="'all' or names as in configs/datasets")
+    parser.add_argument("--datasets", nargs="+", default=["all"],
+                        help="names as in configs/datasets, 'all' (the papers' datasets for the task) or 'toy' "
+                             "(the synthetic toy world's: datasets/toy_world.py)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="fewshot only")
     parser.add_argument("--cfg", help="config under configs/trainers/<trainer>/ or a .yaml path (default: the method's)")
-    parser.add_argument("--source", default="imagenet", help="xd/dg: the dataset trained on")
+    parser.add_argument("--source", help="xd/dg: the dataset trained on (default: imagenet; toy_objects "
+                                         "with --datasets toy)")
     parser.add_argument("--data", default=os.environ.get("DATA"), help="dataset root (default: $DATA)")
     parser.add_argument("--output", default=os.environ.get("OUTPUT", "output"))
     parser.add_argument("--executor", choices=("local", "slurm", "debug"), default="local")
@@ -289,15 +309,17 @@ def main(argv=None) -> int:
         cfg = args.cfg or spec.config_for(args.task)
     except KeyError as err:
         raise SystemExit(err.args[0])
-    datasets = default_datasets(args.task) if args.datasets == ["all"] else args.datasets
+    datasets, source = datasets_and_source(args.task, args.datasets, args.source)
     grid = Grid(args.task, args.trainer, layout.config_name(cfg), args.output, datasets, args.seeds, args.shots,
-                args.source)
+                source)
     runs = grid.expand()
     todo = [r for r in runs if not r.finished()]
     env = job_env(grid, args.data or "", args.cfg or cfg)
     print(f"{args.task} / {args.trainer} / {grid.cfg}: {len(runs)} runs, {len(runs) - len(todo)} finished "
           f"already, {len(todo)} to run")
     if args.dry_run:
+        if not args.data:
+            print("warning: DATA is not set (nor --data): the runs below would find no dataset", file=sys.stderr)
         exported = " ".join(f"{k}={v}" for k, v in env.items() if k != "PYTHONUNBUFFERED")
         for run in runs:
             state = "finished, skipped" if run not in todo else (f"after {', '.join(run.after)}" if run.after else "")

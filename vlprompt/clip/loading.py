@@ -181,6 +181,10 @@ ARCHITECTURES = {
     # ViT-L-like: other widths, more vision than text layers, patch 14
     "tiny-L": dict(embed_dim=48, image_resolution=28, vision_layers=4, vision_width=192,
                    vision_patch_size=14, transformer_width=128, transformer_layers=3),
+    # the toy world's pretrained CLIP (vlprompt/toyworld/toy_clip.pt): MODEL.BACKBONE.NAME "toy"
+    # names its shape, so recipes for it are checked before the weights load
+    "toy": dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128,
+                vision_patch_size=8, transformer_width=64, transformer_layers=4),
 }
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from clip import clip as clip_api
 from clip.model import CLIP
 
+from ..clip.loading import ARCHITECTURES
 from ..clip.encoders import PromptedTextEncoder
 from ..files import atomic_torch_save
 from .render import render_batch, to_model_input
@@ -36,9 +37,9 @@ from .world import PRETRAINING, Scene, caption, sample_scene, vocabulary_sentenc
 
 # heads = width // 64 (as clip.model.build_model infers them); both widths divisible by 8 (HiCroPL's
 # N_HEADS). The token embedding (49408 x text width) dominates the file: text width 64.
-ARCHITECTURE = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128,
-                    vision_patch_size=8, context_length=77, vocab_size=49408,
-                    transformer_width=64, transformer_heads=1, transformer_layers=4)
+# the shape named "toy" (MODEL.BACKBONE.NAME), with OpenAI's context, vocabulary and head width 64
+ARCHITECTURE = dict(ARCHITECTURES["toy"], context_length=77, vocab_size=49408,
+                    transformer_heads=ARCHITECTURES["toy"]["transformer_width"] // 64)
 
 
 def world_token_ids() -> torch.Tensor:
