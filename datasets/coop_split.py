@@ -15,7 +15,7 @@ from typing import List, Sequence, Tuple
 from dassl.data.datasets import Datum, DatasetBase
 
 from vlprompt.errors import InvalidValue, UserError
-from vlprompt.files import OutputWriteError, atomic_write, cache_root
+from vlprompt.files import OutputWriteError, atomic_write, cache_root, read_cache
 
 DATASETS_DOC = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
@@ -74,6 +74,11 @@ def subsample_classes(*splits: Sequence[Datum], subsample: str = "all"):
         for split in splits)
 
 
+def _read_pickle(path: str):
+    with open(path, "rb") as handle:
+        return pickle.load(handle)
+
+
 class FewShotCache:
     """`split_fewshot/shot_{K}-seed_{S}.pkl` next to the data, or in a writable fallback folder
     when the dataset folder is read-only (shared storage)."""
@@ -89,10 +94,10 @@ class FewShotCache:
     def load(self, shots: int, seed: int):
         for folder in (self.primary, self.fallback):
             path = os.path.join(folder, self._name(shots, seed))
-            if os.path.isfile(path):
+            data = read_cache(path, _read_pickle)
+            if isinstance(data, dict) and "train" in data:
                 print(f"Loading preprocessed few-shot data from {path}")
-                with open(path, "rb") as handle:
-                    return pickle.load(handle)
+                return data
         return None
 
     def save(self, data: dict, shots: int, seed: int) -> str:
@@ -150,7 +155,9 @@ class CoOpDataset(DatasetBase):
         shots = cfg.DATASET.NUM_SHOTS
         if shots < 1:
             return train, val
-        cache = FewShotCache(self.dataset_dir, cache_root(cfg.MODEL.FEATURE_CACHE_DIR))
+        # DATASET.* keys only (as CoOp's classes), so the datasets build under a stock Dassl
+        # config too: the fallback for a read-only data folder is $VLPROMPT_CACHE or ~/.cache/vlprompt
+        cache = FewShotCache(self.dataset_dir, cache_root())
         data = cache.load(shots, cfg.SEED)
         if data is None:
             train = self.generate_fewshot_dataset(train, num_shots=shots)

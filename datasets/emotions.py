@@ -129,7 +129,7 @@ class FER2013(CoOpDataset):
             splits = decode_fer_images(csv_path, self.image_dir)
         except OSError as err:  # read-only data folder: decode into the cache folder instead
             digest = hashlib.sha256(os.path.abspath(csv_path).encode()).hexdigest()[:16]
-            folder = os.path.join(cache_root(self.cfg.MODEL.FEATURE_CACHE_DIR), "fer2013_images", digest)
+            folder = os.path.join(cache_root(), "fer2013_images", digest)
             print(f"Cannot write images next to {csv_path} ({err}); decoding them into {folder}")
             splits = decode_fer_images(csv_path, folder)
         return tuple([make_datum(path, label, EMOTIONS_FER[label], csv_path) for path, label in splits[part]]
@@ -143,7 +143,8 @@ class RAFDB(CoOpDataset):
     val_split = "none"
 
     def read_splits(self):
-        order = self.cfg.DATASET.RAF_LABEL_ORDER
+        # a stock Dassl config (CoOp/MaPLe code) has no such key: RAF-DB's own order then
+        order = self.cfg.DATASET.get("RAF_LABEL_ORDER", "raf")
         if order not in RAF_LABEL_ORDERS:
             raise InvalidValue(f"DATASET.RAF_LABEL_ORDER={order!r} is invalid: must be one of {RAF_LABEL_ORDERS}")
         names = RAF_EMOTIONS if order == "raf" else EMOTIONS_FER

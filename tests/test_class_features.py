@@ -45,7 +45,8 @@ def test_templates_are_used_without_a_descriptions_file(tiny_clip, tmp_path, cap
     got = cf.frozen_class_features(PromptedTextEncoder(tiny_clip), CLASSES, str(tmp_path / "missing.json"))
     texts = [[t.format(name) for t in GENERIC_TEMPLATES] for name in ("golden retriever", "tabby cat")]
     torch.testing.assert_close(got, manual_features(tiny_clip, texts), atol=1e-5, rtol=1e-5)
-    assert "prompt templates" in caplog.text and "missing.json not found" in caplog.text
+    assert "WARNING: NO CLASS DESCRIPTIONS" in caplog.text and "missing.json not found" in caplog.text
+    assert "prompt templates" in caplog.text and "DATASET.REQUIRE_DESCRIPTIONS True" in caplog.text
 
 
 def test_missing_class_in_descriptions_names_file_and_class(tiny_clip, tmp_path):

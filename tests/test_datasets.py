@@ -150,10 +150,29 @@ def test_read_only_dataset_folder_puts_the_few_shot_cache_elsewhere(tmp_path, mo
             raise OutputWriteError(f"could not write {path}") from PermissionError(13, "Permission denied")
         real_write(path, write)
     monkeypatch.setattr(coop, "atomic_write", read_only_data)
+    monkeypatch.setenv("VLPROMPT_CACHE", str(tmp_path / "cache"))
     set_random_seed(5)
-    first = build_dataset(tmp_path / "data", "UCF101", shots=2, seed=5, cache=tmp_path / "cache")
+    first = build_dataset(tmp_path / "data", "UCF101", shots=2, seed=5)
     fallback = tmp_path / "cache" / "split_fewshot" / "ucf101" / "shot_2-seed_5.pkl"
     assert fallback.exists() and str(fallback) in capsys.readouterr().out
     random.seed(99)
-    second = build_dataset(tmp_path / "data", "UCF101", shots=2, seed=5, cache=tmp_path / "cache")
+    second = build_dataset(tmp_path / "data", "UCF101", shots=2, seed=5)
     assert [d.impath for d in second.train_x] == [d.impath for d in first.train_x]
+
+
+def test_datasets_build_under_a_stock_dassl_config_with_subsample_classes(tmp_path, monkeypatch):
+    """CoOp/MaPLe code builds datasets from Dassl's default config plus DATASET.SUBSAMPLE_CLASSES:
+    our classes read DATASET.* keys only, so they work there too."""
+    import datasets  # noqa: F401  registration
+    from dassl.config import get_cfg_default
+    from dassl.data.datasets import build_dataset as dassl_build_dataset
+    from datasets.synthetic import write_dataset
+    monkeypatch.setenv("VLPROMPT_CACHE", str(tmp_path / "cache"))
+    write_dataset(str(tmp_path / "data"), "EuroSAT", 4, (3, 2, 2))
+    cfg = get_cfg_default()
+    cfg.DATASET.SUBSAMPLE_CLASSES = "new"
+    cfg.DATASET.ROOT, cfg.DATASET.NAME, cfg.DATASET.NUM_SHOTS, cfg.SEED = str(tmp_path / "data"), "EuroSAT", 2, 1
+    ds = dassl_build_dataset(cfg)
+    from datasets.synthetic import default_classnames
+    assert ds.classnames == [n.replace("_", " ") for n in default_classnames(4)[2:]]
+    assert len(ds.train_x) == 2 * 2 and (tmp_path / "data/eurosat/split_fewshot/shot_2-seed_1.pkl").exists()

@@ -132,3 +132,36 @@ def test_concurrent_writers_lose_no_rows(tmp_path):
     assert sorted(merged.rows) == sorted(os.path.realpath(p) for p in paths)
     never = lambda images: pytest.fail("every row should come from the cache")  # noqa: E731
     torch.testing.assert_close(merged.features(paths, load(paths), never), load(paths).mean(dim=(2, 3)))
+
+
+def test_unreadable_cache_files_are_cache_misses_with_one_warning(setting, tiny_clip, capsys):
+    """A cache file truncated by a crash of something else is recomputed, never a crash: the
+    frozen image features, the class text features and a few-shot split pickle."""
+    import vlprompt.clip.class_features as cf
+    from datasets.coop_split import FewShotCache
+    from vlprompt.clip.encoders import PromptedTextEncoder
+    folder, paths, encode = setting
+    cache = ImageFeatureCache(str(folder / "cache"), encode.key, "resize32")
+    expected = cache.features(paths, load(paths), encode)
+    cache.save()
+    shard = cache.path
+    open(shard, "r+b").truncate(100)
+    again = ImageFeatureCache(str(folder / "cache"), encode.key, "resize32")
+    torch.testing.assert_close(again.features(paths, load(paths), encode), expected, atol=1e-5, rtol=1e-5)
+    assert again.misses == len(paths)
+    again.save()  # the unreadable shard is replaced by a readable one
+    assert len(ImageFeatureCache(str(folder / "cache"), encode.key, "resize32").rows) == len(paths)
+
+    store, text_encoder = cf.ClassFeatureStore(str(folder / "cache"), report=print), PromptedTextEncoder(tiny_clip)
+    features = cf.frozen_class_features(text_encoder, ["cat", "dog"], None, store=store)
+    (class_file,) = (folder / "cache" / "class_features").glob("*.pt")
+    class_file.write_bytes(b"not a torch file")
+    torch.testing.assert_close(cf.frozen_class_features(text_encoder, ["cat", "dog"], None, store=store), features)
+
+    few_shot = FewShotCache(str(folder / "data"), str(folder / "cache"))
+    saved = few_shot.save({"train": [1, 2]}, 2, 1)
+    open(saved, "r+b").truncate(5)
+    assert few_shot.load(2, 1) is None
+    output = capsys.readouterr().out
+    for path in (shard, class_file, saved):
+        assert output.count(f"warning: cannot read the cache file {path}") == 1

@@ -56,6 +56,17 @@ def test_test_logs_and_multi_exp(tmp_path, capsys):
     assert "Average performance\n* accuracy: 61.50%" in capsys.readouterr().out
 
 
+def test_test_only_logs_without_test_log_suggest_the_flag(tmp_path, capsys):
+    for seed in (1, 2):
+        write(tmp_path / f"seed{seed}" / "log.txt", eval_log(50.0))
+    assert ptr.main([str(tmp_path)]) != 0
+    captured = capsys.readouterr()
+    assert "seed1: skipped, a test-only log (an --eval-only run), not a training run's: parse it with --test-log" \
+        in captured.out + captured.err
+    assert "unfinished" not in captured.out + captured.err
+    assert ptr.main([str(tmp_path), "--test-log"]) == 0
+
+
 def test_nothing_found_is_an_error_with_the_folder(tmp_path):
     write(tmp_path / "seed1" / "log.txt", train_log(0.0, end=None))
     with pytest.raises(ptr.ResultsError, match=f"Nothing found in {tmp_path}"):

@@ -39,6 +39,8 @@ TINY = ["MODEL.BACKBONE.PATH", "{clip}", "INPUT.SIZE", "(32, 32)", "TRAINER.HICR
     (["MODEL.BACKBONE.PATH", "/nowhere/ViT-B-16.pt"], "MODEL.BACKBONE.PATH='/nowhere/ViT-B-16.pt' is not a file"),
     (["DATASET.DESCRIPTIONS_FILE", "/nowhere/caltech_prompt.json"],
      "DATASET.DESCRIPTIONS_FILE='/nowhere/caltech_prompt.json' does not exist"),
+    (["DATASET.REQUIRE_DESCRIPTIONS", "True", "DATASET.DESCRIPTIONS_DIR", "/nowhere"],
+     "DATASET.REQUIRE_DESCRIPTIONS is True and there is no class descriptions file /nowhere/caltech_prompt.json"),
 ])
 def test_a_mistake_is_one_message_exit_2_and_leaves_nothing(workspace, tmp_path, options, message):
     out = tmp_path / "run"

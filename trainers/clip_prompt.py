@@ -109,6 +109,13 @@ class ClipPromptTrainer(CheckpointedTrainer):
         if texts is not None and texts.descriptions and chosen and not osp.isfile(chosen):
             raise DescriptionsError(f"DATASET.DESCRIPTIONS_FILE={chosen!r} does not exist: correct the path, or "
                                     f"set it to '' to use DATASET.DESCRIPTIONS_DIR or the prompt templates")
+        if texts is not None and texts.descriptions and cfg.DATASET.REQUIRE_DESCRIPTIONS:
+            path = descriptions_path(cfg)
+            if not osp.isfile(path):
+                raise DescriptionsError(
+                    f"DATASET.REQUIRE_DESCRIPTIONS is True and there is no class descriptions file {path}: copy the "
+                    f"release's gpt_file/ folder there (or set DATASET.DESCRIPTIONS_DIR / DESCRIPTIONS_FILE), or set "
+                    f"DATASET.REQUIRE_DESCRIPTIONS False to use the prompt templates")
         backbone = cfg.MODEL.BACKBONE
         shape = None if backbone.PATH else architecture_shape(backbone.NAME)
         if shape is not None:  # OpenAI's named backbones: their shapes are known without weights

@@ -38,6 +38,8 @@ def extend_cfg(cfg: CN) -> CN:
     # else prompt templates.
     cfg.DATASET.DESCRIPTIONS_DIR = "gpt_file"
     cfg.DATASET.DESCRIPTIONS_FILE = ""
+    # True: no descriptions file is an error (the paper's setting guaranteed), not the templates
+    cfg.DATASET.REQUIRE_DESCRIPTIONS = False
     # RAF-DB's labels: "raf" (its own order) or "fer" (FER-2013's, for cross-dataset tests)
     cfg.DATASET.RAF_LABEL_ORDER = "raf"
 

@@ -35,6 +35,19 @@ def cache_root(configured: str = "") -> str:
     return os.path.expanduser(configured or os.environ.get("VLPROMPT_CACHE") or "~/.cache/vlprompt")
 
 
+def read_cache(path: str, load: Callable[[str], object], report: Callable[[str], None] = print):
+    """What `load` reads from the cache file `path`, or None when it is absent or cannot be read
+    (truncated by a crash, another format): a cache miss, said once, never a crash."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        return load(path)
+    except Exception as err:  # noqa: BLE001  any unreadable cache is recomputed, whatever the reader raised
+        report(f"warning: cannot read the cache file {path} ({type(err).__name__}: {str(err)[:200]}); "
+               f"recomputing it")
+        return None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

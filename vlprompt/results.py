@@ -40,6 +40,18 @@ def read_log(path: str, end_signal, keyword: str = "accuracy") -> Optional[float
     return value
 
 
+def is_test_only_log(path: str, keyword: str = "accuracy") -> bool:
+    """A log of an --eval-only run: a result on the test set and no training epoch."""
+    testing, tested = False, False
+    with open(path, errors="replace") as handle:
+        for line in handle:
+            if line.startswith("epoch ["):
+                return False
+            testing = testing or line.startswith("Evaluate on the *test* set")
+            tested = tested or (testing and metric_regex(keyword).search(line.strip()) is not None)
+    return tested
+
+
 @dataclass
 class RunResult:
     folder: str
@@ -56,7 +68,11 @@ def read_run(folder: str, end_signal, keyword: str = "accuracy") -> RunResult:
         value = read_log(os.path.join(folder, name), end_signal, keyword)
         if value is not None:
             return RunResult(folder, value, os.path.join(folder, name))
-    return RunResult(folder, None, os.path.join(folder, logs[-1]),
+    last = os.path.join(folder, logs[-1])
+    if end_signal is TRAIN_END and is_test_only_log(last, keyword):
+        return RunResult(folder, None, last, "a test-only log (an --eval-only run), not a training run's: "
+                                             "parse it with --test-log")
+    return RunResult(folder, None, last,
                      f"no '* {keyword}' after '{end_signal.pattern.lstrip('^')}' (unfinished run?)")
 
 

@@ -14,7 +14,7 @@ from clip import clip as clip_api
 from torch import Tensor
 
 from ..errors import UserError
-from ..files import atomic_torch_save, tensors_fingerprint
+from ..files import atomic_torch_save, read_cache, tensors_fingerprint
 from .encoders import PromptedTextEncoder
 from .templates import GENERIC_TEMPLATES
 
@@ -124,8 +124,8 @@ class ClassFeatureStore:
     def features(self, text_encoder: PromptedTextEncoder, classnames: Sequence[str],
                  texts: List[List[str]], chunk: int = 256, normalize_each: bool = True) -> Tensor:
         path = self.path_for(text_encoder, classnames, texts, normalize_each)
-        if path and os.path.isfile(path):
-            cached = torch.load(path, map_location="cpu", weights_only=True)
+        cached = read_cache(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), self.report)
+        if isinstance(cached, dict) and "features" in cached:
             if cached.get("classnames") == list(classnames):
                 self.report(f"class text features read from cache {path}")
                 return cached["features"]
@@ -154,5 +154,9 @@ def frozen_class_features(text_encoder: PromptedTextEncoder, classnames: Sequenc
     else:
         texts = texts_per_class(classnames, None, templates)
         reason = f"{descriptions_path} not found" if descriptions_path else "no descriptions file set"
-        store.report(f"frozen class text features from {len(templates)} prompt templates ({reason})")
+        # prominent: the frozen features, and so the results, differ from the paper's setting
+        store.report(f"WARNING: NO CLASS DESCRIPTIONS ({reason}): the frozen class text features come from "
+                     f"{len(templates)} prompt templates instead, which changes the results. Point "
+                     f"DATASET.DESCRIPTIONS_DIR at the release's gpt_file/ folder, or set "
+                     f"DATASET.REQUIRE_DESCRIPTIONS True to make this an error.")
     return store.features(text_encoder, classnames, texts, chunk, normalize_each)

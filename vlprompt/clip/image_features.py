@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor
 
-from ..files import atomic_torch_save, file_lock
+from ..files import atomic_torch_save, file_lock, read_cache
 
 
 def file_stamp(path: str) -> str:
@@ -41,10 +41,11 @@ class ImageFeatureCache:
     def added(self) -> int:
         return len(self.fresh)
 
-    def _read_rows(self) -> Dict[str, Tuple[str, Tensor]]:
-        if not self.path or not os.path.isfile(self.path):
+    def _read_rows(self, warn: bool = True) -> Dict[str, Tuple[str, Tensor]]:
+        report = self.report if warn else (lambda text: None)
+        data = read_cache(self.path, lambda p: torch.load(p, map_location="cpu", weights_only=True), report)
+        if not isinstance(data, dict) or not {"paths", "stamps", "features"} <= set(data):
             return {}
-        data = torch.load(self.path, map_location="cpu", weights_only=True)
         if (data.get("backbone"), data.get("transform")) != (self.backbone_key, self.transform_key):
             return {}  # a hash collision on the shard name: ignore the file
         return {path: (stamp, feature) for path, stamp, feature in zip(data["paths"], data["stamps"], data["features"])}
@@ -70,7 +71,7 @@ class ImageFeatureCache:
         if not self.path or not self.fresh:
             return
         with file_lock(self.path + ".lock"):
-            merged = self._read_rows()
+            merged = self._read_rows(warn=False)  # an unreadable shard was reported when first read
             merged.update({path: self.rows[path] for path in self.fresh})
             paths: List[str] = list(merged)
             atomic_torch_save({"backbone": self.backbone_key, "transform": self.transform_key, "paths": paths,
