@@ -20,7 +20,7 @@ from ..clip.class_features import readable_name
 from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
 from .common import CONTEXT_LENGTH, MAX_CONTEXT_TOKENS
-from .registry import ReleaseCheckpoint, register_method
+from .registry import ReleaseCheckpoint, register_method, without_data_parallel
 from .settings import BackboneShape, ConfigError, checked, option
 
 POSITIONS = ("end", "middle", "front")
@@ -150,7 +150,7 @@ def convert_release_state_dict(release_state: Dict[str, Any]) -> Dict[str, Tenso
     (rebuilt from the current class names, as the release's load_model does), fp32."""
     ours = {}
     for key, value in release_state.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = without_data_parallel(key)
         if key not in CLASS_BOUND_BUFFERS:
             ours[key] = value.float()
     return ours

@@ -19,7 +19,7 @@ from ..clip.loading import backbone_shape
 from ..clip.templates import GENERIC_TEMPLATES
 from .base import LossOutput, PromptedCLIPClassifier
 from .common import MAX_CONTEXT_TOKENS, normalize
-from .registry import ClassTexts, ReleaseCheckpoint, keys_under, register_method
+from .registry import ClassTexts, ReleaseCheckpoint, entries_under, keys_under, register_method
 from .settings import BackboneShape, ConfigError, checked, option
 
 MAPPER_MODES = ("learned", "release")
@@ -253,12 +253,8 @@ def _release_key_to_ours(key: str) -> Optional[str]:
 def convert_release_state_dict(release_state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """The release's `VLPromptLearner` state dict -> our HiCroPLPromptLearner state dict (fp32)."""
     ours = {}
-    for key, value in release_state.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
-        if not key.startswith("prompt_learner."):
-            continue  # frozen CLIP towers and logit_scale
-        name = _release_key_to_ours(key[len("prompt_learner."):])
+    for key, value in entries_under(release_state):
+        name = _release_key_to_ours(key)
         if name is not None:
             ours[name] = value.float()
     if "text_prompts.0" not in ours and "prompt_learner.ctx" in release_state:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
 from .common import MAX_CONTEXT_TOKENS, check_init_fills_context, ivlp_family_init_words
-from .registry import ReleaseCheckpoint, register_method
+from .registry import ReleaseCheckpoint, register_method, without_data_parallel
 from .settings import BackboneShape, ConfigError, checked, option
 
 MAX_VISUAL_TOKENS = 1024  # more than ViT-L/14@336 has patches (576); guards against typos only
@@ -137,22 +137,18 @@ def release_key_to_ours(key: str) -> Optional[str]:
     return None  # frozen CLIP, logit_scale, the class-bound token buffers, PromptSRC's frozen image tower
 
 
-def _strip_module(key: str) -> str:
-    return key[len("module."):] if key.startswith("module.") else key
-
-
 def convert_release_state_dict(release_state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """The release's `VLPromptLearner` state dict (IVLP or PromptSRC) -> our prompt learner's (fp32)."""
     ours = {}
     for key, value in release_state.items():
-        name = release_key_to_ours(_strip_module(key))
+        name = release_key_to_ours(without_data_parallel(key))
         if name is not None:
             ours[name] = value.float()
     return ours
 
 
 def is_release_state_dict(keys: Iterable[str]) -> bool:
-    return any(_strip_module(key) == "prompt_learner.ctx" for key in keys)
+    return any(without_data_parallel(key) == "prompt_learner.ctx" for key in keys)
 
 
 RELEASE_CHECKPOINT = ReleaseCheckpoint(is_release_state_dict, convert_release_state_dict)

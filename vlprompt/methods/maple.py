@@ -17,7 +17,7 @@ from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
 from .common import (IVLP_FAMILY_INIT_MAX_TOKENS, MAX_CONTEXT_TOKENS, check_init_fills_context,
                      ivlp_family_init_words)
-from .registry import ReleaseCheckpoint, keys_under, register_method
+from .registry import ReleaseCheckpoint, entries_under, keys_under, register_method
 from .settings import BackboneShape, ConfigError, checked, option
 
 
@@ -111,16 +111,11 @@ CLASS_BOUND = ("token_prefix", "token_suffix")
 def convert_release_state_dict(release_state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """The release's `MultiModalPromptLearner` checkpoint state dict -> our prompt learner's (fp32)."""
     ours = {}
-    for key, value in release_state.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
-        if not key.startswith("prompt_learner."):
-            continue  # frozen CLIP and logit_scale
-        name = key[len("prompt_learner."):]
+    for name, value in entries_under(release_state):
         if name in CLASS_BOUND:
             continue
         if not (name == "ctx" or name.startswith(LEARNED[1:])):
-            raise KeyError(f"unknown key {key} in a MaPLe release checkpoint")
+            raise KeyError(f"unknown key prompt_learner.{name} in a MaPLe release checkpoint")
         ours[name] = value.float()  # fp16 runs save ctx and proj in fp16
     return ours
 

@@ -19,7 +19,7 @@ import os
 import pkgutil
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from .settings import BackboneShape, closest
 from ..errors import UserError
@@ -53,6 +53,20 @@ def keys_under(*prefixes: str) -> Callable[[Iterable[str]], bool]:
     under "prompt_learner."; our checkpoints hold the prompt learner's own names."""
     wanted = tuple(prefixes) + tuple(f"module.{p}" for p in prefixes)
     return lambda keys: any(key.startswith(wanted) for key in keys)
+
+
+def without_data_parallel(key: str) -> str:
+    """A state-dict key without DataParallel's "module." in front."""
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def entries_under(release_state: Dict[str, Any], prefix: str = "prompt_learner.") -> Iterator[Tuple[str, Any]]:
+    """(name below `prefix`, value) of a release's state dict, with or without DataParallel's
+    prefix; the other entries (frozen CLIP, logit_scale) are left out."""
+    for key, value in release_state.items():
+        key = without_data_parallel(key)
+        if key.startswith(prefix):
+            yield key[len(prefix):], value
 
 
 @dataclass(frozen=True)
