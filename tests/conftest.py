@@ -10,7 +10,14 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 sys.modules.setdefault("outdated", None)  # as train.py: no PyPI version check from wilds
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Share the cores among pytest-xdist's workers (and the train.py processes they start, through
+# OMP_NUM_THREADS) instead of oversubscribing them: two workers of two threads on two cores run
+# slower than two of one.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(min(_THREADS, torch.get_num_threads()))
 
 HAS_DASSL = importlib.util.find_spec("dassl") is not None
 requires_dassl = pytest.mark.skipif(

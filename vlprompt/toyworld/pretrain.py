@@ -35,9 +35,9 @@ from ..files import atomic_torch_save
 from .render import render_batch, to_model_input
 from .world import PRETRAINING, Scene, caption, sample_scene, vocabulary_sentences
 
-# heads = width // 64 (as clip.model.build_model infers them); both widths divisible by 8 (HiCroPL's
-# N_HEADS). The token embedding (49408 x text width) dominates the file: text width 64.
-# the shape named "toy" (MODEL.BACKBONE.NAME), with OpenAI's context, vocabulary and head width 64
+# The shape named "toy" (MODEL.BACKBONE.NAME; vlprompt/clip/loading.py) with OpenAI's context and
+# vocabulary; heads = width // 64 as clip.model.build_model infers them; both widths divisible by 8
+# (HiCroPL's N_HEADS). The token embedding (49408 x text width) dominates the file: text width 64.
 ARCHITECTURE = dict(ARCHITECTURES["toy"], context_length=77, vocab_size=49408,
                     transformer_heads=ARCHITECTURES["toy"]["transformer_width"] // 64)
 
