@@ -16,6 +16,7 @@ scripts under scripts/<method>/ are one-line calls of this module.
 """
 import glob
 import os
+import runpy
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .methods.registry import MethodSpec, get_method, method_for_scripts
 from .results import finished
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_PY = os.path.join(REPO, "train.py")
 SHOTS = 16  # base-to-new and cross-dataset training use 16 shots, as in CoOp
 # task -> (its positional arguments, the task family whose default config it uses)
 TASKS: Dict[str, Tuple[Tuple[str, ...], str]] = {
@@ -209,7 +211,26 @@ def describe(folder: str) -> str:
     return f"Starting over in {folder}: an earlier attempt finished no epoch"
 
 
-def execute(job: Job, options: Sequence[str], python: str) -> int:
+def train_here(args: Sequence[str]) -> int:
+    """train.py in this interpreter, which has imported torch and clip already (a second one
+    spends seconds importing them again, per run); its exit status."""
+    saved_argv = sys.argv
+    sys.argv = [TRAIN_PY, *args]
+    try:
+        runpy.run_path(TRAIN_PY, run_name="__main__")
+        return 0
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)
+        return 1
+    finally:
+        sys.argv = saved_argv
+
+
+def execute(job: Job, options: Sequence[str], python: str, here: bool = False) -> int:
+    """Runs the job unless it is finished or waits for a training; `here`: in this process (only
+    for the command's last job: train.py's logger takes over stdout)."""
     if finished(job.folder, job.kind):
         print(f"Results are available in {job.folder}: skipping (delete the folder to rerun)")
         return 0
@@ -217,11 +238,13 @@ def execute(job: Job, options: Sequence[str], python: str) -> int:
         print(f"No finished training in {job.needs[0]}: run {job.needs[1]} first", file=sys.stderr)
         return 1
     print(describe(job.folder), flush=True)
-    command = [python, os.path.join(REPO, "train.py"), "--output-dir", job.folder, *job.args, *options]
-    return subprocess.run(command).returncode
+    args = ["--output-dir", job.folder, *job.args, *options]
+    if here:
+        return train_here(args)
+    return subprocess.run([python, TRAIN_PY, *args]).returncode
 
 
-def main(argv=None, env=None) -> int:
+def main(argv=None, env=None, last_job_here: bool = False) -> int:
     env = os.environ if env is None else env
     try:
         ctx, positional, options = parse(sys.argv[1:] if argv is None else argv, env)
@@ -230,12 +253,13 @@ def main(argv=None, env=None) -> int:
         print(err, file=sys.stderr)
         return 2
     python = env.get("PYTHON") or sys.executable
-    for job in jobs:
-        code = execute(job, options, python)
+    for index, job in enumerate(jobs):
+        here = last_job_here and index == len(jobs) - 1 and "PYTHON" not in env
+        code = execute(job, options, python, here)
         if code != 0:
             return code
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(last_job_here=True))
