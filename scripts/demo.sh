@@ -12,7 +12,7 @@ DEMO=$(mkdir -p "${1:-demo_output}" && cd "${1:-demo_output}" && pwd)
 cd "$REPO"
 export DATA=$DEMO/data OUTPUT=$DEMO/output CFG=demo_toy PYTHONWARNINGS=ignore
 export VLPROMPT_CACHE=$DEMO/cache
-METHODS=${METHODS:-"CoOp MaPLe HiCroPL"}
+METHODS=${METHODS:-"CoOp HiCroPL"}
 SEEDS=${SEEDS:-"1 2"}
 DATASET=toy_objects
 TOY=(MODEL.BACKBONE.PATH "$REPO/vlprompt/toyworld/toy_clip.pt" DATASET.DESCRIPTIONS_DIR "$DATA/gpt_file")
