@@ -1,7 +1,7 @@
 """One table and the usual figures for a task, across methods, from their output folders.
 
-    python -m vlprompt.report --task base2new --output demo_output/output --method HiCroPL/demo_tiny_clip \\
-        --datasets caltech101 eurosat --seeds 1 2 --out demo_output/report      # after scripts/hicropl/demo.sh
+    python -m vlprompt.report --task base2new --output demo_output/output --datasets toy_objects --seeds 1 2 \\
+        --method CLIP=ZeroshotCLIP/demo_toy --method CoOp/demo_toy --method HiCroPL/demo_toy  # after scripts/demo.sh
     python -m vlprompt.report --task base2new --output output --method CLIP=ZeroshotCLIP \\
         --method MaPLe/vit_b16_c2_ep5_batch4_2ctx --method HiCroPL --out report/
     python -m vlprompt.report --task fewshot --method HiCroPL \\
@@ -616,7 +616,7 @@ def build(task, method_specs, output="output", datasets=None, seeds=(1, 2, 3), s
         raise ReportError("no --method given: name at least one, e.g. --method HiCroPL/CFG")
     if not os.path.isdir(output):
         raise ReportError(f"--output {output}: no such folder. Point --output at the root the runs wrote to "
-                          f"(the scripts' OUTPUT; after scripts/hicropl/demo.sh: demo_output/output)")
+                          f"(the scripts' OUTPUT; after scripts/demo.sh: demo_output/output)")
     shots_list = list(shots) if task == "fewshot" else [16]
     methods = parse_methods(method_specs, task, shots_list)
     if not datasets or (len(datasets) == 1 and datasets[0] in layout.DATASET_KEYWORDS):
