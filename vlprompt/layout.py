@@ -2,7 +2,7 @@
 vlprompt.run writes runs there; the sweep (to skip and order runs) and the report (to read them)
 go through the same functions."""
 import os
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 # The 11 base-to-new datasets in the papers' order, the cross-dataset targets (ImageNet is the
 # source) and the domain-generalisation targets (ImageNet's variants).
@@ -39,6 +39,14 @@ def keyword_datasets(task: str, keyword: str) -> Tuple[str, List[str]]:
     """(source, datasets) a task uses under a keyword of DATASET_KEYWORDS."""
     source, per_task = DATASET_KEYWORDS[keyword]
     return source, list(per_task[task])
+
+
+def expand_datasets(task: str, names: Sequence[str]) -> Tuple[Optional[str], List[str]]:
+    """--datasets of the sweep and the report: one keyword gives (its source, the task's
+    datasets); names are taken as they are, with no source (None)."""
+    if len(names) == 1 and names[0] in DATASET_KEYWORDS:
+        return keyword_datasets(task, names[0])
+    return None, list(names)
 
 
 def config_name(cfg: str) -> str:

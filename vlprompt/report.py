@@ -601,12 +601,6 @@ class Report:
         return is_synthetic(self.datasets)
 
 
-def task_datasets(task: str, keyword: str = "all") -> List[str]:
-    """The datasets of a task under a --datasets keyword, with the source first for xd and dg."""
-    source, datasets = layout.keyword_datasets(task, keyword)
-    return ([source] if task in ("xd", "dg") else []) + datasets
-
-
 def build(task, method_specs, output="output", datasets=None, seeds=(1, 2, 3), shots=(1, 2, 4, 8, 16),
           figures=True) -> Report:
     """Everything the report writes, in memory: raises ReportError on a mistake or when nothing matches."""
@@ -619,8 +613,9 @@ def build(task, method_specs, output="output", datasets=None, seeds=(1, 2, 3), s
                           f"(the scripts' OUTPUT; after scripts/demo.sh: demo_output/output)")
     shots_list = list(shots) if task == "fewshot" else [16]
     methods = parse_methods(method_specs, task, shots_list)
-    if not datasets or (len(datasets) == 1 and datasets[0] in layout.DATASET_KEYWORDS):
-        datasets = task_datasets(task, datasets[0] if datasets else "all")
+    source, datasets = layout.expand_datasets(task, datasets or ["all"])
+    if source and task in ("xd", "dg"):  # a keyword's transfer: its source first
+        datasets = [source] + datasets
     datasets = ordered(datasets)
     seeds = list(dict.fromkeys(seeds))
     if task == "base2new":

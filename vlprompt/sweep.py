@@ -95,17 +95,11 @@ class Grid:
         raise SystemExit(f"{t} has no few-shot task: it trains nothing")
 
 
-def default_datasets(task: str) -> List[str]:
-    return layout.keyword_datasets(task, "all")[1]
-
-
-def datasets_and_source(task: str, datasets: List[str], source: Optional[str]) -> Tuple[List[str], str]:
+def datasets_and_source(task: str, names: List[str], source: Optional[str]) -> Tuple[List[str], str]:
     """--datasets all / toy expand to the task's datasets (and, unless --source is given, their
-    source); names must be datasets the runs know."""
-    if len(datasets) == 1 and datasets[0] in layout.DATASET_KEYWORDS:
-        keyword_source, datasets = layout.keyword_datasets(task, datasets[0])
-        source = source or keyword_source
-    source = source or "imagenet"
+    source; else the papers' source); names must be datasets the runs know."""
+    keyword_source, datasets = layout.expand_datasets(task, names)
+    source = source or keyword_source or layout.keyword_datasets(task, "all")[0]
     known = layout.known_datasets(REPO)
     unknown = [d for d in datasets + ([source] if task in ("xd", "dg") else []) if d not in known]
     if unknown:
