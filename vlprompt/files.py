@@ -48,6 +48,11 @@ def read_cache(path: str, load: Callable[[str], object], report: Callable[[str],
         return None
 
 
+def read_tensor_cache(path: str, report: Callable[[str], None] = print):
+    """A cache file written by atomic_torch_save, read on the CPU (read_cache: None if unreadable)."""
+    return read_cache(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), report)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -14,7 +14,7 @@ from clip import clip as clip_api
 from torch import Tensor
 
 from ..errors import UserError
-from ..files import atomic_torch_save, read_cache, tensors_fingerprint
+from ..files import atomic_torch_save, read_tensor_cache, tensors_fingerprint
 from .encoders import PromptedTextEncoder
 from .templates import GENERIC_TEMPLATES
 
@@ -124,7 +124,7 @@ class ClassFeatureStore:
     def features(self, text_encoder: PromptedTextEncoder, classnames: Sequence[str],
                  texts: List[List[str]], chunk: int = 256, normalize_each: bool = True) -> Tensor:
         path = self.path_for(text_encoder, classnames, texts, normalize_each)
-        cached = read_cache(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), self.report)
+        cached = read_tensor_cache(path, self.report)
         if isinstance(cached, dict) and "features" in cached:
             if cached.get("classnames") == list(classnames):
                 self.report(f"class text features read from cache {path}")

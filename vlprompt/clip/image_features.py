@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor
 
-from ..files import atomic_torch_save, file_lock, read_cache
+from ..files import atomic_torch_save, file_lock, read_tensor_cache
 
 
 def file_stamp(path: str) -> str:
@@ -42,8 +42,7 @@ class ImageFeatureCache:
         return len(self.fresh)
 
     def _read_rows(self, warn: bool = True) -> Dict[str, Tuple[str, Tensor]]:
-        report = self.report if warn else (lambda text: None)
-        data = read_cache(self.path, lambda p: torch.load(p, map_location="cpu", weights_only=True), report)
+        data = read_tensor_cache(self.path, self.report if warn else (lambda text: None))
         if not isinstance(data, dict) or not {"paths", "stamps", "features"} <= set(data):
             return {}
         if (data.get("backbone"), data.get("transform")) != (self.backbone_key, self.transform_key):
