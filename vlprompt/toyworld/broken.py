@@ -40,20 +40,27 @@ class HiCroPLFrozenMappers(HiCroPL):
                 p.requires_grad_(False)
 
 
-class HiCroPLShiftedPrompts(HiCroPL):
-    """Writes every deep prompt one layer too late: the prompt learned for layer i enters
-    layer i + 1 and the last layer's prompt is dropped."""
+class _RewiredPrompts(HiCroPL):
+    """The prompt learner's per-layer (text, visual) prompts pass through `rewire` on their way
+    to the encoders."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        learner = self.prompt_learner
-        forward = learner.forward
+        forward = self.prompt_learner.forward
+        self.prompt_learner.forward = lambda: self.rewire(*forward())
 
-        def shifted() -> Tuple[list, list]:
-            text, visual = forward()
-            return text[:1] + text[:-1], visual[:1] + visual[:-1]
+    @staticmethod
+    def rewire(text: list, visual: list) -> Tuple[list, list]:
+        raise NotImplementedError
 
-        learner.forward = shifted
+
+class HiCroPLShiftedPrompts(_RewiredPrompts):
+    """Writes every deep prompt one layer too late: the prompt learned for layer i enters
+    layer i + 1 and the last layer's prompt is dropped."""
+
+    @staticmethod
+    def rewire(text: list, visual: list) -> Tuple[list, list]:
+        return text[:1] + text[:-1], visual[:1] + visual[:-1]
 
 
 class HiCroPLVisualPromptsDropped(HiCroPL):
@@ -65,20 +72,13 @@ class HiCroPLVisualPromptsDropped(HiCroPL):
         return super().image_features(images, [], zero_shot)
 
 
-class HiCroPLShallowPrompts(HiCroPL):
+class HiCroPLShallowPrompts(_RewiredPrompts):
     """Writes the prompts of layer 0 only: the deep prompts of layers 1.. never enter the
     encoders (an off-by-one in the layer loop)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        learner = self.prompt_learner
-        forward = learner.forward
-
-        def first_layer_only() -> Tuple[list, list]:
-            text, visual = forward()
-            return text[:1], visual[:1]
-
-        learner.forward = first_layer_only
+    @staticmethod
+    def rewire(text: list, visual: list) -> Tuple[list, list]:
+        return text[:1], visual[:1]
 
 
 BROKEN_VARIANTS = {"no_fusion": HiCroPLWithoutFusion, "frozen_mappers": HiCroPLFrozenMappers,
