@@ -2,11 +2,12 @@
 and the Slurm submission it generates (checked without a cluster)."""
 import os
 import stat
+import subprocess
 import sys
 
 import pytest
 
-from conftest import requires_dassl
+from conftest import ROOT, requires_dassl
 from vlprompt import sweep
 from vlprompt.results import TEST_END, TRAIN_END, read_run
 
@@ -57,11 +58,15 @@ def test_toy_keyword_selects_the_toy_worlds_datasets_and_source(capsys, monkeypa
 
 
 def test_unknown_dataset_is_refused_with_the_known_names():
-    with pytest.raises(SystemExit, match=r"unknown dataset\(s\) caltech: .*Known: .*caltech101.*toy_objects"):
+    with pytest.raises(sweep.SweepError, match=r"unknown dataset\(s\) caltech: .*Known: .*caltech101.*toy_objects"):
         sweep.main(["--task", "base2new", "--trainer", "HiCroPL", "--datasets", "caltech", "--dry-run"])
-    with pytest.raises(SystemExit, match=r"unknown dataset\(s\) imagenet1k"):
+    with pytest.raises(sweep.SweepError, match=r"unknown dataset\(s\) imagenet1k"):
         sweep.main(["--task", "xd", "--trainer", "HiCroPL", "--datasets", "dtd", "--source", "imagenet1k",
                     "--dry-run"])
+    proc = subprocess.run([sys.executable, "-m", "vlprompt.sweep", "--task", "base2new", "--trainer", "HiCroPL",
+                           "--datasets", "caltech", "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown dataset(s) caltech: "), proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 KILLER = """#!{python}
@@ -146,7 +151,7 @@ def test_slurm_submission_is_generated_without_a_cluster(tmp_path, monkeypatch, 
 def test_bad_profile_key_is_named(tmp_path):
     profile = tmp_path / "p.yaml"
     profile.write_text("partitoin: gpu\n")
-    with pytest.raises(SystemExit, match="unknown key.*partitoin"):
+    with pytest.raises(sweep.SweepError, match="unknown key.*partitoin"):
         sweep.slurm_params(sweep.parse_args(["--task", "xd", "--trainer", "HiCroPL", "--profile", str(profile)]))
 
 

@@ -23,8 +23,13 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import layout
+from .errors import UserError, report_user_errors
 from .methods.registry import get_method, methods
 from .results import finished
+
+class SweepError(UserError):
+    """A mistake in the sweep's arguments or profile; the message names the value and the fix."""
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("base2new", "xd", "dg", "fewshot")
@@ -92,7 +97,7 @@ class Grid:
                                                              for half in ("base", "new")]) for d in self.datasets]
         if self.task in ("xd", "dg"):
             return [self.run(f"{t}/{d}", "xd", (d,), [(layout.eval_only(out, d, t, cfg), "test")]) for d in self.datasets]
-        raise SystemExit(f"{t} has no few-shot task: it trains nothing")
+        raise SweepError(f"{t} has no few-shot task: it trains nothing")
 
 
 def datasets_and_source(task: str, names: List[str], source: Optional[str]) -> Tuple[List[str], str]:
@@ -103,7 +108,7 @@ def datasets_and_source(task: str, names: List[str], source: Optional[str]) -> T
     known = layout.known_datasets(REPO)
     unknown = [d for d in datasets + ([source] if task in ("xd", "dg") else []) if d not in known]
     if unknown:
-        raise SystemExit(f"unknown dataset(s) {', '.join(unknown)}: no configs/datasets/<name>.yaml. Known: "
+        raise SweepError(f"unknown dataset(s) {', '.join(unknown)}: no configs/datasets/<name>.yaml. Known: "
                          f"{', '.join(known)}; or --datasets {' / '.join(layout.DATASET_KEYWORDS)}")
     return datasets, source
 
@@ -245,7 +250,7 @@ def slurm_params(args) -> Dict:
             profile = yaml.safe_load(handle) or {}
         unknown = set(profile) - set(SLURM_DEFAULTS)
         if unknown:
-            raise SystemExit(f"{args.profile}: unknown key(s) {sorted(unknown)}; known: {sorted(SLURM_DEFAULTS)}")
+            raise SweepError(f"{args.profile}: unknown key(s) {sorted(unknown)}; known: {sorted(SLURM_DEFAULTS)}")
         params.update(profile)
     for key in SLURM_DEFAULTS:
         value = getattr(args, key, None)
@@ -254,7 +259,7 @@ def slurm_params(args) -> Dict:
     if str(params["mem"]).isdigit():  # a bare number means GB here (sbatch would read MB)
         params["mem"] = f"{params['mem']}GB"
     if not re.fullmatch(r"\d+\s*[A-Za-z]*", str(params["mem"])):
-        raise SystemExit(f"--mem / mem={params['mem']!r} is invalid: give a size such as 32GB")
+        raise SweepError(f"--mem / mem={params['mem']!r} is invalid: give a size such as 32GB")
     return params
 
 
@@ -302,7 +307,7 @@ def main(argv=None) -> int:
     try:
         cfg = args.cfg or spec.config_for(args.task)
     except KeyError as err:
-        raise SystemExit(err.args[0])
+        raise SweepError(err.args[0])
     datasets, source = datasets_and_source(args.task, args.datasets, args.source)
     grid = Grid(args.task, args.trainer, layout.config_name(cfg), args.output, datasets, args.seeds, args.shots,
                 source)
@@ -322,7 +327,7 @@ def main(argv=None) -> int:
     if not todo:
         return 0
     if not args.data:
-        raise SystemExit("set --data or DATA to the folder that holds your datasets")
+        raise SweepError("set --data or DATA to the folder that holds your datasets")
     os.makedirs(args.folder, exist_ok=True)
     if args.executor == "slurm":
         submit_slurm(todo, args.options, env, args.folder, slurm_params(args))
@@ -335,4 +340,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(main)())
