@@ -1,12 +1,17 @@
 """KgCoOp: its loss term by hand and against the release's numbers, which tensors learn, batch
 independence, training, the release's template table, CTX_INIT switch and checkpoints, and its
 recipes, scripts and command lines through Dassl."""
+import os
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import (EPS32, assert_batch_independent, half_and_fp32_logits, half_tolerance, images_for,
-                     train_losses)
+from conftest import ROOT, requires_dassl
+from helpers import (EPS32, accuracies, assert_batch_independent, half_and_fp32_logits, half_tolerance, images_for,
+                     method_command, run, run_script, script_env, tiny_options, train_losses,
+                     write_release_checkpoint)
 
 from vlprompt.clip.class_features import frozen_class_features
 from vlprompt.clip.encoders import PromptedTextEncoder
@@ -149,3 +154,92 @@ def test_release_state_dicts_convert_to_the_context_alone(tiny_clip, prefix):
     fresh.prompt_learner.load_state_dict(converted)
     assert torch.equal(fresh.prompt_learner.ctx.detach(), ctx.half().float())
     assert abs(float(ctx.half().float().sub(ctx).abs().max())) <= 2 ** -11 * float(ctx.abs().max()) + EPS32
+
+
+# ---- with Dassl: the release's node, recipes, command lines, scripts and checkpoints ------------------
+RELEASE_RECIPE = "vit_b16_ep100_ctxv1"
+# the release's scripts/base2new_train.sh options, unchanged
+RELEASE_OPTIONS = ["TRAINER.COOP.N_CTX", "4", "TRAINER.COOP.CSC", "False", "TRAINER.COOP.W", "8.0",
+                   "TRAINER.COOP.CLASS_TOKEN_POSITION", "end"]
+
+
+def settings_for(trainer, recipe=None, *options):
+    """The settings `trainer` reads from a config built as train.py builds it."""
+    import train
+    from dassl.engine import TRAINER_REGISTRY
+    argv = ["--trainer", trainer, "--dataset-config-file", os.path.join(ROOT, "configs/datasets/caltech101.yaml")]
+    if recipe:
+        argv += ["--config-file", os.path.join(ROOT, "configs/trainers", trainer, f"{recipe}.yaml")]
+    cfg = train.setup_cfg(train.build_parser().parse_args(argv + list(options)))
+    trainer_class = TRAINER_REGISTRY.get(trainer)
+    return trainer_class.settings_from(cfg), trainer_class.precision_of(cfg)
+
+
+@requires_dassl
+def test_the_releases_yaml_and_command_line_read_coops_node():
+    """TRAINER.COOP.* with W and the bool CTX_INIT of the release's YAML, unchanged; CoOp reads the
+    same node with its own defaults and its own meaning of CTX_INIT (words)."""
+    assert settings_for("KgCoOp", RELEASE_RECIPE, *RELEASE_OPTIONS) == (
+        KgCoOpSettings(n_ctx=4, csc=False, ctx_init="a photo of a", class_token_position="end", w=8.0), "fp16")
+    assert settings_for("KgCoOp") == (KgCoOpSettings(), "fp16") and KgCoOpSettings().w == 8.0
+    assert settings_for("KgCoOp", None, "TRAINER.COOP.CTX_INIT", "False", "TRAINER.COOP.W", "1.0")[0] == \
+        KgCoOpSettings(ctx_init="", w=1.0)
+    assert settings_for("CoOp") == (CoOpSettings(), "fp16")
+    assert settings_for("CoOp", "vit_b16_ctxv1", "TRAINER.COOP.N_CTX", "8")[0] == CoOpSettings(n_ctx=8,
+                                                                                               ctx_init="a photo of a")
+    from vlprompt.errors import UserError
+    with pytest.raises(UserError, match=r"TRAINER\.COOP\.CTX_INIT=True is invalid: expected str"):
+        settings_for("CoOp", None, "TRAINER.COOP.CTX_INIT", "True")  # only KgCoOp knows the release's switch
+    with pytest.raises(UserError, match=r"TRAINER\.COOP\.W=-1\.0 is invalid: must be in \[0, inf\]"):
+        settings_for("KgCoOp", None, "TRAINER.COOP.W", "-1.0")
+
+
+@pytest.fixture(scope="module")
+def kgcoop_run(workspace, tmp_path_factory):
+    """`bash scripts/kgcoop/base2new_train.sh caltech101 1` and base2new_test.sh (the default
+    recipe is the release's YAML) with the release's options and the tiny CLIP's, 2 epochs."""
+    output = tmp_path_factory.mktemp("kgcoop_output")
+    env = script_env(workspace, output)
+    options = tiny_options(workspace, "COOP", "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
+                           *RELEASE_OPTIONS)
+    trained = run_script(workspace, env, "kgcoop/base2new_train.sh", "caltech101", "1", options=options)
+    tested = run_script(workspace, env, "kgcoop/base2new_test.sh", "caltech101", "1", options=options)
+    run_dir = output / f"base2new/train_base/caltech101/shots_16/KgCoOp/{RELEASE_RECIPE}/seed1"
+    return options, trained.stdout, tested.stdout, run_dir
+
+
+@requires_dassl
+def test_release_recipe_trains_and_tests_through_the_scripts(kgcoop_run):
+    _, trained, tested, run_dir = kgcoop_run
+    assert ("KgCoOp: KgCoOpSettings(n_ctx=4, csc=False, ctx_init='a photo of a', class_token_position='end', "
+            "w=8.0)") in trained
+    assert "Class text templates: ['a photo of a {}.']" in trained  # Caltech101's in the release's table
+    assert re.search(r"loss_kg [\d.]+", trained) and "Finish training" in trained
+    assert sorted(p.name for p in (run_dir / "prompt_learner").iterdir()) == ["checkpoint", "model.pth.tar-2"]
+    state = torch.load(run_dir / "prompt_learner" / "model.pth.tar-2", weights_only=True)["state_dict"]
+    assert list(state) == ["ctx"] and state["ctx"].shape == (4, 64)
+    assert "SUBSAMPLE_CLASSES: new" in tested and len(accuracies(tested)) == 1
+
+
+@requires_dassl
+def test_release_checkpoint_evaluates_as_our_own(kgcoop_run, workspace, tmp_path):
+    """Our last checkpoint written in the release's layout (its prompt_learner state dict, fp16 as
+    its default PREC saves it, a pickled scheduler) evaluates through the release's test command
+    line (--model-dir --load-epoch --eval-only) as ours does, once trusted."""
+    options, _, _, run_dir = kgcoop_run
+    ours = torch.load(run_dir / "prompt_learner" / "model.pth.tar-2", weights_only=True)["state_dict"]
+    exact = release_layout(ours["ctx"], dtype=torch.float32)  # fp32: the same numbers as ours
+    write_release_checkpoint(tmp_path / "release" / "prompt_learner" / "model.pth.tar-2", exact, 2)
+    new = [*options, "DATASET.NUM_SHOTS", "16", "DATASET.SUBSAMPLE_CLASSES", "new"]
+
+    def evaluate(model_dir, out, *extra):
+        return run(method_command(workspace, "KgCoOp", RELEASE_RECIPE, tmp_path / out, [*new, *extra],
+                                  ["--model-dir", str(model_dir), "--load-epoch", "2", "--eval-only"]), expect_ok=False)
+
+    refused = evaluate(tmp_path / "release", "refused")
+    assert refused.returncode == 2 and "MODEL.TRUST_RELEASE_CHECKPOINT" in refused.stderr
+    converted = evaluate(tmp_path / "release", "converted", "MODEL.TRUST_RELEASE_CHECKPOINT", "True")
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert "is a checkpoint of the official release: converting its key names" in converted.stdout
+    direct = evaluate(run_dir, "direct")
+    assert accuracies(converted.stdout) == accuracies(direct.stdout) and len(accuracies(direct.stdout)) == 1

@@ -21,7 +21,7 @@ from .common import normalize
 from .coop import CoOp, CoOpSettings
 from .coop import convert_release_state_dict as convert_coop_state_dict
 from .coop import is_release_state_dict
-from .registry import ClassTexts, ReleaseCheckpoint, register_method, without_data_parallel
+from .registry import ClassTexts, ConfigLayout, ReleaseCheckpoint, register_method, without_data_parallel
 from .settings import option
 
 # The release's CUSTOM_TEMPLATES (trainers/kgcoop.py): one hand-written prompt per dataset. It
@@ -55,7 +55,7 @@ def hand_crafted_template(dataset: str) -> str:
     return RELEASE_TEMPLATES.get(dataset, dataset_template(dataset))
 
 
-def release_ctx_init(value: Any, dataset: str = "") -> Any:
+def release_ctx_init(value: Any, dataset: str) -> Any:
     """The release's CTX_INIT (a bool) as ours (words): True -> "a photo of a", False -> "" (random
     context). Words pass through and mean what they mean for CoOp (the release would replace any
     non-empty string by "a photo of a" too)."""
@@ -120,6 +120,9 @@ RELEASE_CHECKPOINT = ReleaseCheckpoint(is_release_state_dict, convert_release_st
 
 register_method(
     "KgCoOp", settings=KgCoOpSettings, model=KgCoOp, checkpoint_folder="prompt_learner",  # the release's
+    # the release reads CoOp's node, TRAINER.COOP.*, plus TRAINER.COOP.W; its YAML files set
+    # `CTX_INIT: True`, a bool (CoOp's own CTX_INIT stays words)
+    layout=ConfigLayout(node="COOP", legacy={"ctx_init": release_ctx_init}),
     # the release's only ViT recipe, which its scripts use for base-to-new and its xd_train.sh
     default_configs={"base2new": "vit_b16_ep100_ctxv1", "xd": "vit_b16_ep100_ctxv1",
                      "fewshot": "vit_b16_ep100_ctxv1"},
