@@ -69,6 +69,8 @@ def release_ctx_init(value: Any, dataset: str) -> Any:
 @dataclass(frozen=True)
 class KgCoOpSettings(CoOpSettings):
     """CoOp's settings (TRAINER.COOP.* in the release) and the weight of the knowledge term."""
+    ctx_init: str = option("", "words the context starts from (their number sets the context length); the "
+                               "release's True means 'a photo of a', False a random context")
     # 8.0: the release's scripts (base2new_train.sh, xd_train.sh, run.sh) and the paper's lambda;
     # the release's train.py default, 1.0, is overridden by every script
     w: float = option(8.0, "weight W of the knowledge-guided term W * (1 - mean cosine to frozen CLIP's "
