@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, requires_dassl
-from helpers import (EPS32, accuracies, assert_batch_independent, half_and_fp32_logits, half_tolerance, images_for,
-                     method_command, run, run_script, script_env, tiny_options, train_losses,
+from helpers import (EPS32, FEATURE_TOL, LOGIT_TOL, accuracies, assert_batch_independent, fixture_clip, grad_tol,
+                     half_and_fp32_logits, half_tolerance, images_for, load_fixture, loss_tol, method_command,
+                     release_state, run, run_script, script_env, tiny_options, train_losses,
                      write_release_checkpoint)
 
 from vlprompt.clip.class_features import frozen_class_features
@@ -90,10 +91,122 @@ def test_frozen_features_of_other_classes_are_refused(tiny_clip):
         model.set_classes(CLASSES, frozen_features(tiny_clip, CLASSES[:3]))
 
 
+# ---- the release's numbers (tests/fixtures/releases/kgcoop.pt) -------------------------------------------
+RELEASE_CASES = list(load_fixture("kgcoop")["cases"])
+
+
+def release_model(name, class_token_position="end"):
+    """Our KgCoOp on the fixtures' CLIP with the release's settings and trainable state of case
+    `name` (loaded through the checkpoint converter, from the release's own checkpoint keys), and
+    frozen features of the release's template for the fixture's dataset. The release builds the
+    `end` layout whatever CLASS_TOKEN_POSITION says."""
+    fixture = load_fixture("kgcoop")
+    case = fixture["cases"][name]
+    config, classes = case["config"], fixture["inputs"]["classnames"]
+    settings = KgCoOpSettings(n_ctx=config["N_CTX"], csc=config["CSC"], ctx_init=release_ctx_init(config["CTX_INIT"], ""),
+                              class_token_position=class_token_position, w=config["W"])
+    model = KgCoOp(fixture_clip(), settings, classes, frozen_features(fixture_clip(), classes, "OxfordPets"))
+    state = {key: torch.zeros(shape, dtype=getattr(torch, dtype))
+             for key, shape, dtype in case["checkpoint_fp32"]["prompt_learner"]["state_dict"]}
+    state.update(release_state(case))
+    model.prompt_learner.load_state_dict(convert_release_state_dict(state))
+    return model, fixture, case
+
+
+def our_numbers(model, fixture):
+    images, labels = fixture["inputs"]["images"], fixture["inputs"]["labels"]
+    with torch.no_grad(), model.eval().evaluation():
+        eval_logits = model(images)
+    loss, train_logits, parts = model.train().loss(images, labels)
+    loss.backward()
+    return eval_logits, train_logits.detach(), loss.detach(), parts
+
+
+@pytest.mark.parametrize("name", RELEASE_CASES)
+def test_logits_loss_terms_and_gradients_equal_the_release(name):
+    """Its YAML + script command line (CTX_INIT True, W 8) and a random class-specific context (W 1):
+    eval and train logits, CE, the knowledge term, the loss, the gradient of the one tensor it
+    trains, and both sides' class features."""
+    model, fixture, case = release_model(name)
+    assert torch.equal(model.token_ids, case["tokenized_prompts"]) and model.prompt_prefix == case["prompt_prefix"]
+    assert case["frozen_template"] == hand_crafted_template("OxfordPets") and case["w"] == model.settings.w
+    eval_logits, train_logits, loss, parts = our_numbers(model, fixture)
+    released = case["results"]["no_casts"]
+    shipped = case["results"]["as_shipped"]  # the release casts nothing to fp16 during a step
+    assert shipped["cast_sites"] == {} and torch.equal(shipped["eval_logits"], released["eval_logits"])
+    terms = released["loss_terms"]
+    torch.testing.assert_close(eval_logits, released["eval_logits"], rtol=0, atol=LOGIT_TOL)
+    torch.testing.assert_close(train_logits, released["train_logits"], rtol=0, atol=LOGIT_TOL)
+    assert abs(parts["loss_ce"] - float(terms["ce"])) <= loss_tol(terms["ce"], released["train_logits"])
+    assert abs(parts["loss_kg"] - float(terms["score"])) <= 8 * EPS32
+    assert abs(float(loss) - float(terms["loss"])) <= loss_tol(terms["loss"], released["train_logits"])
+    assert float(terms["loss"]) == pytest.approx(float(terms["ce"]) + case["w"] * float(terms["score"]), abs=1e-6)
+    grads = {n: p.grad for n, p in model.prompt_learner.named_parameters() if p.grad is not None}
+    assert {f"prompt_learner.{n}" for n in grads} == set(case["trainable_requires_grad_names"])
+    assert released["grads"]["nonzero"] == ["ctx"] and set(grads) == {"ctx"}
+    expected = released["grads"]["values"]["ctx"]
+    torch.testing.assert_close(grads["ctx"], expected, rtol=0, atol=grad_tol(released["grads"]["values"], ulps=128))
+    with torch.no_grad():
+        text = F.normalize(model.encode_classes(), dim=-1)
+    torch.testing.assert_close(text, released["text_features"], rtol=0, atol=FEATURE_TOL)
+    torch.testing.assert_close(model.frozen_text_features, released["text_features_old"], rtol=0, atol=FEATURE_TOL)
+
+
+def test_the_ctx_init_switch_starts_from_the_releases_words():
+    case = load_fixture("kgcoop")["cases"]["ctxv1_w8"]
+    assert case["config"]["CTX_INIT"] is True and case["n_ctx"] == 4
+    model = KgCoOp(fixture_clip(), KgCoOpSettings(n_ctx=16, csc=True, ctx_init=release_ctx_init(True, "")),
+                   load_fixture("kgcoop")["inputs"]["classnames"], frozen_features(fixture_clip(), ["a"] * 6))
+    assert torch.equal(model.prompt_learner.ctx.detach(), case["initial_state"]["ctx"])
+
+
+def test_the_release_ignores_class_token_position_and_we_do_not():
+    """The release's `middle` case is its `end` layout; ours builds CoOp's middle layout."""
+    assert load_fixture("kgcoop")["cases"]["csc_random_w1_middle"]["config"]["CLASS_TOKEN_POSITION"] == "middle"
+    model, fixture, case = release_model("csc_random_w1_middle", class_token_position="middle")
+    eval_logits = our_numbers(model, fixture)[0]
+    assert float((eval_logits - case["results"]["no_casts"]["eval_logits"]).abs().max()) > 100 * LOGIT_TOL
+
+
+def test_the_releases_frozen_features_are_fp16_computations_of_ours():
+    """As shipped, the release encodes the hand-crafted prompts in fp16 (its fixture's fp32 fix
+    encodes them again in fp32): within fp16 rounding of ours, and visibly different."""
+    model, fixture, case = release_model("ctxv1_w8")
+    difference = float((case["frozen_text_features_fp16"] - model.frozen_text_features).abs().max())
+    assert FEATURE_TOL < difference < 1e-3
+    # the term as shipped: our model given the release's fp16 features, against its text features
+    model.set_classes(fixture["inputs"]["classnames"], case["frozen_text_features_fp16"])
+    released = case["results"]["no_casts"]
+    shipped = 1 - F.cosine_similarity(released["text_features"], F.normalize(case["frozen_text_features_fp16"], dim=-1),
+                                      dim=1, eps=1e-7).mean()
+    assert abs(our_numbers(model, fixture)[3]["loss_kg"] - float(shipped)) <= 8 * EPS32
+    assert abs(float(shipped) - float(released["loss_terms"]["score"])) > 1e-6
+
+
+@pytest.mark.parametrize("layout", ["checkpoint_fp32", "checkpoint_fp16"])
+def test_the_releases_checkpoint_keys_convert_to_our_context(layout):
+    """Every key the release's save path writes (recorded in the fixture), in its dtype: only ctx
+    is kept, widened to fp32; the file needs full unpickling (its scheduler)."""
+    model, _, case = release_model("ctxv1_w8")
+    checkpoint = case[layout]["prompt_learner"]
+    assert case["registered_model"] == get_method("KgCoOp").checkpoint_folder == "prompt_learner"
+    assert checkpoint["weights_only_error"] and {"state_dict", "epoch", "optimizer", "scheduler"} <= set(
+        checkpoint["top_level_keys"])
+    ctx = release_state(case)["ctx"]
+    state = {key: (ctx if key == "ctx" else torch.zeros(shape)).to(getattr(torch, dtype))
+             for key, shape, dtype in checkpoint["state_dict"]}
+    assert is_release_state_dict(state)
+    converted = convert_release_state_dict(state)
+    assert set(converted) == {"ctx"} and torch.equal(converted["ctx"], state["ctx"].float())
+    model.prompt_learner.load_state_dict(converted)
+
+
 # ---- behaviour --------------------------------------------------------------------------------------
 def test_eval_logits_do_not_depend_on_batch_size_or_order(tiny_clip):
     model = build(tiny_clip, csc=True, class_token_position="front")
     assert_batch_independent(model, images_for(model, batch=7))
+    # the release too (its eval logits of the batch against one image at a time)
+    assert load_fixture("kgcoop")["cases"]["csc_random_w1_middle"]["batch_independence_max_abs_diff"] < LOGIT_TOL
 
 
 def test_training_lowers_the_loss_and_the_term_keeps_the_classes_near_frozen_clip(tiny_clip):
