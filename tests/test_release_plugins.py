@@ -148,8 +148,6 @@ def fake_release(tmp_path):
 def test_a_release_fixture_is_made_and_found_from_the_methods_own_files(fake_release, tmp_path):
     checkout, descriptions = fake_release
     out = tmp_path / "out"
-    listed = make_fixtures("--list", "--descriptions", str(descriptions)).stdout
-    assert "fake: example/fake-release @ 0123456789abcdef" in listed and "maple" in listed
     make_fixtures("--descriptions", str(descriptions), "--release", f"fake={checkout}", "--only", "fake",
                   "--out", str(out))
 
@@ -185,8 +183,11 @@ def test_a_release_fixture_is_made_and_found_from_the_methods_own_files(fake_rel
     assert {"coop", "cmpa", "edgecnn"} <= set(fixture_methods()) and "cmpa" not in clip_fixture_methods()
 
 
-def test_unknown_release_name_and_missing_checkout_say_what_to_pass(fake_release, tmp_path):
+def test_descriptions_are_listed_and_mistakes_say_what_to_pass(fake_release, tmp_path):
     checkout, descriptions = fake_release
+    listed = make_fixtures("--list", "--descriptions", str(descriptions)).stdout
+    assert "fake: example/fake-release @ 0123456789abcdef" in listed
+    assert "coop (group maple): muzairkhattak/multimodal-prompt-learning" in listed
     done = make_fixtures("--release", f"nosuch={checkout}", "--out", str(tmp_path), expect_ok=False)
     assert done.returncode == 2 and "no release description names 'nosuch'" in done.stderr
     assert "nosuch_release.py" in done.stderr
