@@ -137,10 +137,10 @@ def test_logits_loss_terms_and_gradients_equal_the_release(name):
     terms = released["loss_terms"]
     torch.testing.assert_close(eval_logits, released["eval_logits"], rtol=0, atol=LOGIT_TOL)
     torch.testing.assert_close(train_logits, released["train_logits"], rtol=0, atol=LOGIT_TOL)
-    assert abs(parts["loss_ce"] - float(terms["ce"])) <= loss_tol(terms["ce"], released["train_logits"])
+    assert abs(parts["loss_ce"] - float(terms["loss_ce"])) <= loss_tol(terms["loss_ce"], released["train_logits"])
     assert abs(parts["loss_kg"] - float(terms["score"])) <= 8 * EPS32
     assert abs(float(loss) - float(terms["loss"])) <= loss_tol(terms["loss"], released["train_logits"])
-    assert float(terms["loss"]) == pytest.approx(float(terms["ce"]) + case["w"] * float(terms["score"]), abs=1e-6)
+    assert float(terms["loss"]) == pytest.approx(float(terms["loss_ce"]) + case["w"] * float(terms["score"]), abs=1e-6)
     grads = {n: p.grad for n, p in model.prompt_learner.named_parameters() if p.grad is not None}
     assert {f"prompt_learner.{n}" for n in grads} == set(case["trainable_requires_grad_names"])
     assert released["grads"]["nonzero"] == ["ctx"] and set(grads) == {"ctx"}
