@@ -155,8 +155,9 @@ def test_logits_loss_terms_and_gradients_equal_the_release(name):
 def test_the_ctx_init_switch_starts_from_the_releases_words():
     case = load_fixture("kgcoop")["cases"]["ctxv1_w8"]
     assert case["config"]["CTX_INIT"] is True and case["n_ctx"] == 4
-    model = KgCoOp(fixture_clip(), KgCoOpSettings(n_ctx=16, csc=True, ctx_init=release_ctx_init(True, "")),
-                   load_fixture("kgcoop")["inputs"]["classnames"], frozen_features(fixture_clip(), ["a"] * 6))
+    classes = load_fixture("kgcoop")["inputs"]["classnames"]
+    model = KgCoOp(fixture_clip(), KgCoOpSettings(n_ctx=16, csc=True, ctx_init=release_ctx_init(True, "")), classes,
+                   frozen_features(fixture_clip(), classes))
     assert torch.equal(model.prompt_learner.ctx.detach(), case["initial_state"]["ctx"])
 
 
@@ -266,7 +267,6 @@ def test_release_state_dicts_convert_to_the_context_alone(tiny_clip, prefix):
     fresh = build(tiny_clip, seed=2)
     fresh.prompt_learner.load_state_dict(converted)
     assert torch.equal(fresh.prompt_learner.ctx.detach(), ctx.half().float())
-    assert abs(float(ctx.half().float().sub(ctx).abs().max())) <= 2 ** -11 * float(ctx.abs().max()) + EPS32
 
 
 # ---- with Dassl: the release's node, recipes, command lines, scripts and checkpoints ------------------
