@@ -103,8 +103,9 @@ def release_model(name, class_token_position="end"):
     fixture = load_fixture("kgcoop")
     case = fixture["cases"][name]
     config, classes = case["config"], fixture["inputs"]["classnames"]
-    settings = KgCoOpSettings(n_ctx=config["N_CTX"], csc=config["CSC"], ctx_init=release_ctx_init(config["CTX_INIT"], ""),
-                              class_token_position=class_token_position, w=config["W"])
+    settings = KgCoOpSettings(n_ctx=config["N_CTX"], csc=config["CSC"], w=config["W"],
+                              ctx_init=release_ctx_init(config["CTX_INIT"], ""),
+                              class_token_position=class_token_position)
     model = KgCoOp(fixture_clip(), settings, classes, frozen_features(fixture_clip(), classes, "OxfordPets"))
     state = {key: torch.zeros(shape, dtype=getattr(torch, dtype))
              for key, shape, dtype in case["checkpoint_fp32"]["prompt_learner"]["state_dict"]}
