@@ -337,13 +337,17 @@ def test_release_recipe_trains_and_tests_through_the_scripts(kgcoop_run):
 
 @requires_dassl
 def test_release_checkpoint_evaluates_as_our_own(kgcoop_run, workspace, tmp_path):
-    """Our last checkpoint written in the release's layout (its prompt_learner state dict, fp16 as
-    its default PREC saves it, a pickled scheduler) evaluates through the release's test command
-    line (--model-dir --load-epoch --eval-only) as ours does, once trusted."""
+    """Our last checkpoint written with every key and dtype the release's save path writes in fp32
+    (recorded in its fixture; the class-bound buffers and the unused modules as zeros) and a pickled
+    scheduler evaluates through the release's test command line (--model-dir --load-epoch
+    --eval-only) as ours does, once trusted."""
     options, _, _, run_dir = kgcoop_run
     ours = torch.load(run_dir / "prompt_learner" / "model.pth.tar-2", weights_only=True)["state_dict"]
-    exact = release_layout(ours["ctx"], dtype=torch.float32)  # fp32: the same numbers as ours
-    write_release_checkpoint(tmp_path / "release" / "prompt_learner" / "model.pth.tar-2", exact, 2)
+    recorded = load_fixture("kgcoop")["cases"]["ctxv1_w8"]["checkpoint_fp32"]["prompt_learner"]["state_dict"]
+    release = {key: ours["ctx"] if key == "ctx" else torch.zeros(shape, dtype=getattr(torch, dtype))
+               for key, shape, dtype in recorded}
+    assert sorted(release) == sorted(release_layout(ours["ctx"]))
+    write_release_checkpoint(tmp_path / "release" / "prompt_learner" / "model.pth.tar-2", release, 2)
     new = [*options, "DATASET.NUM_SHOTS", "16", "DATASET.SUBSAMPLE_CLASSES", "new"]
 
     def evaluate(model_dir, out, *extra):
