@@ -139,7 +139,7 @@ def _written_by(state: dict, source: str) -> str:
             f"{name} (--trainer {' or '.join(trainers)})" for name, trainers in readers) +
             ": run it with the one whose release wrote it.")
     parts = set(os.path.abspath(source).split(os.sep))
-    named = sorted({t for s in methods() for t, _, _ in s.trainer_names() if t in parts})
+    named = sorted({names[0] for s in methods() for names in s.trainer_names() if names[0] in parts})
     keeping = sorted(s.name for s in methods() if s.checkpoint_folder == folder)
     hints = ([f"its path names the trainer {' and '.join(named)}"] if named else []) + (
         [f"its folder {folder}/ is where {', '.join(keeping)} keep theirs"] if keeping else [])
