@@ -5,7 +5,9 @@ so tests/fixtures/cmpa_checkpoint/cmpa_checkpoint.pt keeps how to rebuild the fi
 release wrote (keys, shapes, dtypes, optimizer and scheduler states), the seeded rule of its
 trainable values and the release's eval logits for them (make_fixture.py and README.md there).
 """
+import functools
 import os
+import sys
 
 import pytest
 import torch
@@ -30,6 +32,13 @@ CASES = sorted(FIX["cases"])
 
 
 def seeded(case: dict) -> dict:
+    return _seeded(next(name for name, c in FIX["cases"].items() if c is case))
+
+
+@functools.lru_cache(maxsize=None)
+def _seeded(name: str) -> dict:
+    """The case's seeded trainable tensors (about 11M values: built once per test session)."""
+    case = FIX["cases"][name]
     values = {}
     for key in case["seeded_keys"]:
         shape = next(s for k, s, _ in case["checkpoint_fp32"]["layout"]["state_dict"] if k == key)
@@ -114,6 +123,8 @@ def test_every_trainable_tensor_of_the_release_maps_onto_ours(release_clip, name
     state = release_state(case, precision)
     assert is_release_state_dict(state) and not is_release_state_dict({"cmpa.0.visual.proj.weight": 0})
     converted = convert_release_state_dict(state)
+    parallel = convert_release_state_dict({f"module.{k}": v for k, v in state.items()})  # DataParallel's names
+    assert set(parallel) == set(converted) and all(torch.equal(parallel[k], v) for k, v in converted.items())
     model = DCP(release_clip, cmpa_settings(case), FIX["inputs"]["classnames"])
     load_strict(model.prompt_learner, converted, name)  # exactly our keys and shapes, or it raises
     assert all(v.dtype == torch.float32 for v in converted.values())
@@ -231,7 +242,7 @@ def cmpa_eval_command(workspace, clip_path, model_dir, out, case, *options):
     case's TRAINER.CMPA keys and the release's shipped recipe."""
     from conftest import ROOT
     config = case["config"]
-    return ["python", os.path.join(ROOT, "train.py"), "--root", str(workspace / "data"), "--seed", "1",
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--root", str(workspace / "data"), "--seed", "1",
             "--trainer", "CMPA", "--dataset-config-file", os.path.join(ROOT, "configs/datasets/caltech101.yaml"),
             "--config-file", os.path.join(ROOT, "configs/trainers/CMPA/vit_b16_c2_ep20_batch4_16ctx.yaml"),
             "--output-dir", str(out), "--model-dir", str(model_dir), "--load-epoch", str(FIX["epoch"]), "--eval-only",
@@ -267,7 +278,8 @@ def test_a_pickled_release_file_needs_trust(workspace, release_run, tmp_path):
 @requires_dassl
 def test_train_py_evaluates_the_release_file_as_our_model_holding_its_state(workspace, release_run, tmp_path):
     """--trainer CMPA --eval-only --model-dir <the release's run> --load-epoch 2: converted and
-    evaluated; in the trainer, the same logits as our model given the converted state directly."""
+    evaluated; in the trainer (through --model-dir or MODEL.INIT_WEIGHTS), the same logits as our
+    model given the converted state directly."""
     import train
     from dassl.engine import build_trainer
     from vlprompt.clip.loading import load_clip
@@ -279,14 +291,19 @@ def test_train_py_evaluates_the_release_file_as_our_model_holding_its_state(work
     assert f"{path} is a checkpoint of the official release: converting its key names" in proc.stdout
     assert len(accuracies(proc.stdout)) == 1
 
-    cfg = train.setup_cfg(train.build_parser().parse_args(
-        cmpa_eval_command(workspace, clip_path, root / "release", tmp_path / "in_process", case, *trusted)[2:]))
-    trainer = build_trainer(cfg)
-    trainer.load_model(str(root / "release"), epoch=FIX["epoch"])
-    direct = DCP(load_clip("ViT-B/16", path=clip_path), cmpa_settings(case), trainer.dm.dataset.classnames).eval()
+    def trainer_from(out, *options):
+        args = cmpa_eval_command(workspace, clip_path, root / "release", tmp_path / out, case, *trusted, *options)
+        return build_trainer(train.setup_cfg(train.build_parser().parse_args(args[2:])))
+
+    from_model_dir = trainer_from("model_dir")
+    from_model_dir.load_model(str(root / "release"), epoch=FIX["epoch"])
+    from_init_weights = trainer_from("init_weights", "MODEL.INIT_WEIGHTS", path)  # loaded while building
+    direct = DCP(load_clip("ViT-B/16", path=clip_path), cmpa_settings(case),
+                 from_model_dir.dm.dataset.classnames).eval()
     load_strict(direct.prompt_learner, convert_release_state_dict(release_state(case)), "direct")
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    trainer.set_model_mode("eval")
     with torch.no_grad():
-        through_train_py, ours = trainer.model(images), direct(images)
-    assert torch.equal(through_train_py, ours)
+        ours = direct(images)
+        for trainer in (from_model_dir, from_init_weights):
+            trainer.set_model_mode("eval")
+            assert torch.equal(trainer.model(images), ours)
