@@ -307,3 +307,22 @@ def test_train_py_evaluates_the_release_file_as_our_model_holding_its_state(work
         for trainer in (from_model_dir, from_init_weights):
             trainer.set_model_mode("eval")
             assert torch.equal(trainer.model(images), ours)
+
+
+def test_a_release_file_given_to_a_trainer_whose_converter_refuses_it_is_one_message(tmp_path):
+    """MaPLe's converter accepts the prompt_learner.* names of CMPA's file (same folder name), then
+    meets a key of CMPA's: one CheckpointError naming the release that wrote it, no KeyError."""
+    pytest.importorskip("dassl")
+    from types import SimpleNamespace
+    import torch
+    from dassl.engine import TRAINER_REGISTRY
+    import trainers  # noqa: F401  (registers the trainers)
+    path = tmp_path / "output" / "MultiModalPromptLearner" / "model.pth.tar-2"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": release_state(FIX["cases"]["shared"]), "epoch": 2}, path)
+    maple = TRAINER_REGISTRY.get("MaPLe")
+    fake = SimpleNamespace(spec=maple.spec, cfg=SimpleNamespace(MODEL=SimpleNamespace(TRUST_RELEASE_CHECKPOINT=True)))
+    with pytest.raises(CheckpointError) as err:
+        maple.load_state_for(fake, "MultiModalPromptLearner", str(path))
+    assert str(err.value).startswith(f"{path} is not a MaPLe release checkpoint (")
+    assert "official CMPA release" in str(err.value) and "--trainer CMPA" in str(err.value)

@@ -112,7 +112,7 @@ def _key_sample(keys, count: int = 4) -> str:
     return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
 
 
-def _written_by(state: dict, source: str) -> str:
+def written_by(state: dict, source: str) -> str:
     """Whose checkpoint `state` seems to be: a release whose key names a method's converter reads
     (narrowed by the file's folder), else the methods the path's trainer and folder name."""
     from .methods.registry import methods  # here: the registry imports every method module
@@ -155,7 +155,7 @@ def load_strict(module: torch.nn.Module, state: dict, source: str) -> None:
     if state and expected and not set(state) & set(expected):
         raise CheckpointError(
             f"{source} was not written for this model: none of its keys ({_key_sample(state)}) is a key of "
-            f"{type(module).__name__} ({_key_sample(expected)}). {_written_by(state, source)}")
+            f"{type(module).__name__} ({_key_sample(expected)}). {written_by(state, source)}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
