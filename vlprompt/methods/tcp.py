@@ -24,7 +24,7 @@ from ..clip.class_features import readable_name
 from ..clip.loading import backbone_shape
 from .base import LossOutput, PromptedCLIPClassifier
 from .common import MAX_CONTEXT_TOKENS, normalize
-from .coop import RELEASE_CHECKPOINT as COOP_RELEASE_CHECKPOINT, check_ctx_init, context_length
+from .coop import RELEASE_CHECKPOINT, check_ctx_init, context_length
 from .registry import ClassTexts, register_method
 from .settings import BackboneShape, ConfigError, checked, option
 
@@ -134,6 +134,13 @@ class TCP(PromptedCLIPClassifier):
         self.prompt_learner = TCPPromptLearner(n_ctx, self.text_encoder.width, frozen_text_features.shape[1],
                                                self.first_context)
 
+    def set_classes(self, classnames: Sequence[str], frozen_text_features: Optional[Tensor] = None) -> None:
+        """New classes need their frozen features: the class-aware tokens are made from them."""
+        if frozen_text_features is None:
+            raise ValueError("TCP makes its class-aware tokens from frozen CLIP's class text features: pass "
+                             "them with the class names")
+        super().set_classes(classnames, frozen_text_features)
+
     def class_token_ids(self, classnames: Sequence[str]) -> Tensor:
         """[C, 77] "<context placeholders> <class words>" (the context replaces the placeholders)."""
         template = self.settings.class_template or "{}."
@@ -174,5 +181,5 @@ register_method(
     default_configs={"base2new": "vit_b16_ep100_ctxv1"},  # the release's one recipe (base-to-new)
     class_texts=frozen_class_texts,
     # the release saves its prompt learner with the class-bound token buffers, as CoOp's does
-    release_checkpoint=COOP_RELEASE_CHECKPOINT,
+    release_checkpoint=RELEASE_CHECKPOINT,
     doc="docs/tcp.md")

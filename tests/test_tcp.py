@@ -1,0 +1,175 @@
+"""TCP: where its class-aware tokens enter the text encoder, its loss, the release's numbers on known
+weights, training, checkpoints, and the release's config node, YAML and command lines."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import requires_dassl
+from helpers import (EPS32, accuracies, assert_batch_independent, half_and_fp32_logits, half_tolerance, images_for,
+                     method_command, run, script_env, tiny_options, train_losses, write_release_checkpoint)
+from vlprompt.clip.class_features import frozen_class_features
+from vlprompt.clip.encoders import PromptedTextEncoder
+from vlprompt.methods.settings import ConfigError
+from vlprompt.methods.tcp import (TCP, TCPSettings, class_prompt, frozen_template, kg_regulariser)
+
+CLASSES = ["dog", "sports_car", "oak tree", "violin", "golden retriever"]
+
+
+def frozen(clip_model, classes=CLASSES, dataset="OxfordPets"):
+    return frozen_class_features(PromptedTextEncoder(clip_model), classes, templates=(frozen_template(dataset),))
+
+
+def build(clip_model, classes=CLASSES, seed=0, dataset="OxfordPets", **settings):
+    torch.manual_seed(seed)
+    settings = {"tke_layer": 2, "class_template": class_prompt(dataset), **settings}
+    model = TCP(clip_model, TCPSettings(**settings), classes, frozen(clip_model, classes, dataset))
+    with torch.no_grad():  # a meta-net whose tokens are of the size of CLIP's hidden states
+        for name, p in model.prompt_learner.meta_net.named_parameters():
+            p.normal_(0, 0.5 if name == "linear1.weight" else 0.2)
+    return model
+
+
+# ---- where the class-aware tokens enter ----------------------------------------------------------
+def reference_text_features(clip_model, token_ids, ctx, class_aware, layer):
+    """TCP's text side written out with CLIP's own transformer (sequence-first, 77x77 mask): ctx at
+    positions 1..n of the embedded prompts, replaced by the class-aware tokens before `layer`."""
+    n = ctx.shape[0]
+    with torch.no_grad():
+        x = clip_model.token_embedding(token_ids)
+        x = torch.cat([x[:, :1], ctx.expand(len(token_ids), -1, -1), x[:, 1 + n:]], dim=1)
+        x = (x + clip_model.positional_embedding).permute(1, 0, 2)
+        for i, block in enumerate(clip_model.transformer.resblocks):
+            if i == layer:
+                x = torch.cat([x[:1], class_aware.permute(1, 0, 2), x[1 + n:]])
+            x = block(x)
+        x = clip_model.ln_final(x.permute(1, 0, 2))
+        return x[torch.arange(len(token_ids)), token_ids.argmax(-1)] @ clip_model.text_projection
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+@pytest.mark.parametrize("shortcuts", [True, False])
+def test_class_aware_tokens_replace_the_context_states_before_their_layer(tiny_clip, layer, shortcuts):
+    model = build(tiny_clip, tke_layer=layer)
+    model.text_encoder.shared_prefix = model.text_encoder.cut_at_eot = shortcuts
+    learner = model.prompt_learner
+    with torch.no_grad():
+        ours = model.encode_classes()
+        class_aware = learner.class_aware_tokens(model.frozen_text_features)
+    assert class_aware.shape == (len(CLASSES), 4, 64)
+    expected = reference_text_features(tiny_clip, model.token_ids, learner.ctx.detach(), class_aware, layer)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    # the layer matters, and so do the tokens: the reference is not blind to either
+    other = reference_text_features(tiny_clip, model.token_ids, learner.ctx.detach(), class_aware, 3 - layer)
+    assert (ours - other).abs().max() > 1e-2
+    plain = reference_text_features(tiny_clip, model.token_ids, learner.ctx.detach(), class_aware, layer=99)
+    assert (ours - plain).abs().max() > 1e-2
+
+
+def test_class_prompts_follow_the_release_templates(tiny_clip):
+    """Placeholders for the context, then the dataset's words: "X X X X dog, a type of pet."."""
+    from clip import clip as clip_api
+    for dataset, words in [("OxfordPets", "{}, a type of pet."), ("UCF101", "person doing {}."),
+                           ("StanfordCars", "{}, a type of car"), ("ToyObjects", "{}.")]:
+        model = build(tiny_clip, dataset=dataset)
+        expected = clip_api.tokenize([f"X X X X {words.format(c.replace('_', ' '))}" for c in CLASSES])
+        assert torch.equal(model.token_ids, expected), dataset
+    with_init = build(tiny_clip, ctx_init="a photo of a", n_ctx=16)
+    assert with_init.n_ctx == 4 and with_init.prompt_prefix == "a photo of a"
+    embedding = tiny_clip.token_embedding(clip_api.tokenize("a photo of a"))[0, 1:5]
+    assert torch.equal(with_init.prompt_learner.ctx.detach(), embedding.detach())
+
+
+# ---- loss -------------------------------------------------------------------------------------------
+def test_loss_is_cross_entropy_plus_the_weighted_regulariser(tiny_clip):
+    model = build(tiny_clip, kg_weight=3.0)
+    images, labels = images_for(model, batch=5), torch.tensor([0, 1, 2, 3, 4])
+    loss, logits, parts = model.loss(images, labels)
+    with torch.no_grad():
+        text = F.normalize(model.encode_classes(), dim=-1)
+        expected_logits = model.logit_scale.exp() * model.frozen_image_features(images) @ text.t()
+        cos = (text * model.frozen_text_features).sum(-1)
+    torch.testing.assert_close(logits.detach(), expected_logits, rtol=0, atol=1e-5)
+    ce = F.cross_entropy(expected_logits, labels)
+    assert abs(parts["loss_ce"] - ce.item()) < 1e-5 and abs(parts["loss_kg"] - 3.0 * (1 - cos.mean().item())) < 1e-5
+    assert abs(loss.item() - (parts["loss_ce"] + parts["loss_kg"])) < 1e-5 and parts["loss_kg"] > 1e-3
+    assert model.settings.kg_weight == 3.0 and TCPSettings().kg_weight == 8.0  # the release's constant
+    # frozen features themselves are at distance 0
+    assert abs(kg_regulariser(model.frozen_text_features * 2.0, model.frozen_text_features).item()) < 1e-6
+
+
+def test_gradients_reach_the_context_and_the_meta_net_only(tiny_clip):
+    model = build(tiny_clip)
+    model.loss(images_for(model, batch=3), torch.tensor([0, 2, 4]))[0].backward()
+    grads = {name: p.grad for name, p in model.prompt_learner.named_parameters()}
+    assert sorted(grads) == ["ctx", "meta_net.linear1.bias", "meta_net.linear1.weight", "meta_net.linear2.bias",
+                             "meta_net.linear2.weight"]
+    assert all(g is not None and g.abs().max() > 0 for g in grads.values())
+    assert all(p.grad is None for p in tiny_clip.parameters())
+
+
+# ---- behaviour --------------------------------------------------------------------------------------
+def test_evaluation_does_not_depend_on_batch_size_or_order(tiny_clip):
+    model = build(tiny_clip)
+    assert_batch_independent(model, images_for(model, batch=7))
+
+
+def test_a_short_training_run_lowers_the_loss(tiny_clip):
+    model = build(tiny_clip)
+    images, labels = images_for(model, batch=5), torch.arange(5)
+    losses = train_losses(model, images, labels, steps=15, lr=0.01)
+    assert min(losses[-3:]) < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_agree_with_fp32(tiny_clip, dtype):
+    frozen_features = frozen(tiny_clip)
+
+    def make(clip_model):
+        torch.manual_seed(0)
+        return TCP(clip_model, TCPSettings(tke_layer=2), CLASSES, frozen_features)
+
+    got, expected, scale = half_and_fp32_logits(make, tiny_clip, dtype)
+    assert got.dtype == torch.float32 and (got - expected).abs().max() < half_tolerance(dtype, scale)
+
+
+def test_new_classes_get_class_aware_tokens_from_their_own_features(tiny_clip):
+    model = build(tiny_clip)
+    new = ["tulip", "yacht"]
+    with pytest.raises(ValueError, match="frozen CLIP's class text features"):
+        model.set_classes(new)
+    model.set_classes(new, frozen(tiny_clip, new))
+    with torch.no_grad():
+        assert model.eval()(images_for(model, batch=3)).shape == (3, 2)
+    assert set(model.prompt_learner.state_dict()) == {"ctx", "meta_net.linear1.weight", "meta_net.linear1.bias",
+                                                      "meta_net.linear2.weight", "meta_net.linear2.bias"}
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (dict(tke_layer=3), "TKE_LAYER"),  # the tiny CLIP has 3 text layers
+    (dict(tke_layer=0), "TKE_LAYER"),
+    (dict(csc=True), "CSC"),
+    (dict(class_token_position="middle"), "CLASS_TOKEN_POSITION"),
+    (dict(class_template="a photo"), "CLASS_TEMPLATE"),
+    (dict(kg_weight=-1.0), "KG_WEIGHT"),
+    (dict(ctx_init="a  photo"), "CTX_INIT"),
+])
+def test_bad_settings_name_the_setting(tiny_clip, overrides, key):
+    with pytest.raises(ConfigError, match=f"^{key}=") as err:
+        TCP(tiny_clip, TCPSettings(**{"tke_layer": 2, **overrides}), CLASSES, frozen(tiny_clip))
+    assert err.value.setting == key.lower()
+
+
+# ---- the release's checkpoints -------------------------------------------------------------------------
+def test_release_state_dicts_are_recognised_and_converted(tiny_clip):
+    from vlprompt.methods.tcp import RELEASE_CHECKPOINT
+    trained = build(tiny_clip, seed=1)
+    ours = trained.prompt_learner.state_dict()
+    # an fp16 run's prompt_learner (the release's meta-net is fp16 then), saved from DataParallel
+    release = {f"module.{k}": v.half() for k, v in ours.items()}
+    release.update({"module.token_prefix": torch.zeros(5, 1, 64).half(), "module.token_suffix": torch.zeros(5, 72, 64).half()})
+    assert RELEASE_CHECKPOINT.recognizes(release) and not RELEASE_CHECKPOINT.recognizes(ours)
+    converted = RELEASE_CHECKPOINT.convert(release)
+    assert set(converted) == set(ours) and all(v.dtype == torch.float32 for v in converted.values())
+    fresh = build(tiny_clip, seed=2)
+    fresh.prompt_learner.load_state_dict(converted)
+    assert all(torch.equal(fresh.prompt_learner.state_dict()[k], ours[k].half().float()) for k in ours)
