@@ -25,7 +25,7 @@ from ..clip.loading import backbone_shape
 from .base import LossOutput, PromptedCLIPClassifier
 from .common import MAX_CONTEXT_TOKENS, normalize
 from .coop import RELEASE_CHECKPOINT, check_ctx_init, context_length
-from .registry import ClassTexts, register_method
+from .registry import ClassTexts, ConfigLayout, register_method
 from .settings import BackboneShape, ConfigError, checked, option
 
 # The release's words after the context ("{}": the class name), per Dassl dataset: its
@@ -176,9 +176,22 @@ def frozen_class_texts(settings: TCPSettings, dataset: str) -> ClassTexts:
     return ClassTexts((frozen_template(dataset),))
 
 
+def release_ctx_init(value, dataset: str) -> str:
+    """The release's CTX_INIT is a bool: True starts the context from "a photo of a" (whatever the
+    dataset), False from random values; words are ours."""
+    if isinstance(value, bool):
+        return "a photo of a" if value else ""
+    return value
+
+
+# The release reads CoOp's node, TRAINER.COOP (N_CTX, CSC, CTX_INIT as a bool, W,
+# CLASS_TOKEN_POSITION, PREC); TCP's own keys (KG_WEIGHT, TKE_LAYER, CLASS_TEMPLATE) go there too.
+LAYOUT = ConfigLayout(node="COOP", legacy={"ctx_init": release_ctx_init}, per_dataset={"class_template": class_prompt})
+
 register_method(
     "TCP", settings=TCPSettings, model=TCP, checkpoint_folder="prompt_learner",  # the release's
     default_configs={"base2new": "vit_b16_ep100_ctxv1"},  # the release's one recipe (base-to-new)
+    layout=LAYOUT,
     class_texts=frozen_class_texts,
     # the release saves its prompt learner with the class-bound token buffers, as CoOp's does
     release_checkpoint=RELEASE_CHECKPOINT,
