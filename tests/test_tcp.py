@@ -173,3 +173,104 @@ def test_release_state_dicts_are_recognised_and_converted(tiny_clip):
     fresh = build(tiny_clip, seed=2)
     fresh.prompt_learner.load_state_dict(converted)
     assert all(torch.equal(fresh.prompt_learner.state_dict()[k], ours[k].half().float()) for k in ours)
+
+
+# ---- with Dassl: the release's node, YAML, command lines, scripts and checkpoints -----------------------
+RELEASE_OPTIONS = ["TRAINER.COOP.N_CTX", "4", "TRAINER.COOP.CSC", "False", "TRAINER.COOP.W", "1.0",
+                   "TRAINER.COOP.CLASS_TOKEN_POSITION", "end"]  # the release's scripts/base2new_train.sh
+
+
+def release_settings(dataset_config, *options):
+    """TCP's settings from the release's YAML (our copy) and a command line, as train.py reads them."""
+    import os
+
+    import train
+    from conftest import ROOT
+    from dassl.engine import TRAINER_REGISTRY
+    argv = ["--trainer", "TCP", "--dataset-config-file", os.path.join(ROOT, "configs/datasets", dataset_config),
+            "--config-file", os.path.join(ROOT, "configs/trainers/TCP/vit_b16_ep100_ctxv1.yaml"), *options]
+    cfg = train.setup_cfg(train.build_parser().parse_args(argv))
+    return TRAINER_REGISTRY.get("TCP").settings_from(cfg), cfg
+
+
+@requires_dassl
+def test_the_release_yaml_and_command_lines_run_unchanged():
+    settings, cfg = release_settings("oxford_pets.yaml", *RELEASE_OPTIONS, "DATASET.NUM_SHOTS", "16",
+                                     "DATASET.SUBSAMPLE_CLASSES", "base")
+    assert settings == TCPSettings(n_ctx=4, csc=False, ctx_init="", class_token_position="end", w=1.0,
+                                   kg_weight=8.0, tke_layer=8, class_template="{}, a type of pet.")
+    assert cfg.TRAINER.COOP.PREC == "fp16" and cfg.OPTIM.NAME == "adam" and cfg.OPTIM.MAX_EPOCH == 50
+    # CTX_INIT as the release's bool; the W of its older scripts (no effect, as in the release)
+    settings, _ = release_settings("ucf101.yaml", "TRAINER.COOP.CTX_INIT", "True", "TRAINER.COOP.W", "8.0")
+    assert (settings.ctx_init, settings.w, settings.kg_weight, settings.class_template) == (
+        "a photo of a", 8.0, 8.0, "person doing {}.")
+
+
+@requires_dassl
+def test_bad_values_name_the_release_key():
+    from vlprompt.errors import UserError
+    with pytest.raises(UserError, match=r"TRAINER\.COOP\.CSC=True is invalid"):
+        release_settings("caltech101.yaml", "TRAINER.COOP.CSC", "True")
+    with pytest.raises(UserError, match=r"TRAINER\.COOP\.CLASS_TOKEN_POSITION='middle' is invalid"):
+        release_settings("caltech101.yaml", "TRAINER.COOP.CLASS_TOKEN_POSITION", "middle")
+
+
+def tcp_options(workspace):
+    """The release's command-line options, fitted to the workspace's tiny CLIP (3 text layers)."""
+    return [*RELEASE_OPTIONS, *tiny_options(workspace, "COOP", "TRAINER.COOP.TKE_LAYER", "2", "OPTIM.MAX_EPOCH", "2",
+                                            "DATALOADER.TRAIN_X.BATCH_SIZE", "4")]
+
+
+@pytest.fixture(scope="module")
+def tcp_run(workspace, tmp_path_factory):
+    """bash scripts/tcp/base2new_train.sh / base2new_test.sh caltech101 1 with the release's options."""
+    from helpers import run_script
+    output = tmp_path_factory.mktemp("tcp_output")
+    env = script_env(workspace, output)
+    options = tcp_options(workspace)
+    trained = run_script(workspace, env, "tcp/base2new_train.sh", "caltech101", "1", options=options)
+    tested = run_script(workspace, env, "tcp/base2new_test.sh", "caltech101", "1", options=options)
+    run_dir = output / "base2new/train_base/caltech101/shots_16/TCP/vit_b16_ep100_ctxv1/seed1"
+    return options, trained, tested, run_dir
+
+
+@requires_dassl
+def test_base_to_new_trains_checkpoints_in_the_release_folder_and_tests(tcp_run):
+    _, trained, tested, run_dir = tcp_run
+    assert "Finish training" in trained.stdout and "prompt prefix 'X X X X'" in trained.stdout
+    assert "kg_weight=8.0, tke_layer=2, class_template='{}.'" in trained.stdout
+    assert sorted(p.name for p in (run_dir / "prompt_learner").iterdir()) == ["checkpoint", "model.pth.tar-2"]
+    state = torch.load(run_dir / "prompt_learner" / "model.pth.tar-2", weights_only=True)["state_dict"]
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "ctx": (4, 64), "meta_net.linear1.weight": (8, 32), "meta_net.linear1.bias": (8,),
+        "meta_net.linear2.weight": (256, 8), "meta_net.linear2.bias": (256,)}
+    assert "SUBSAMPLE_CLASSES: new" in tested.stdout and len(accuracies(tested.stdout)) == 1
+
+
+@requires_dassl
+def test_release_checkpoint_evaluates_as_our_own(tcp_run, workspace, tmp_path):
+    """prompt_learner/model.pth.tar-2 as the release's save_model writes it (its prompt learner's
+    state dict: the learned tensors in fp16 beside the class-bound token buffers; Dassl's pickled
+    scheduler) evaluates through train.py --model-dir like our checkpoint of the same weights."""
+    options, _, _, run_dir = tcp_run
+    ours = torch.load(run_dir / "prompt_learner" / "model.pth.tar-2", weights_only=True)["state_dict"]
+    release = {"ctx": ours["ctx"].half(), "token_prefix": torch.zeros(3, 1, 64).half(),
+               "token_suffix": torch.zeros(3, 72, 64).half(),
+               **{k: v.half() for k, v in ours.items() if k.startswith("meta_net.")}}
+    write_release_checkpoint(tmp_path / "release" / "prompt_learner" / "model.pth.tar-2", release, 2)
+    rounded = {k: v.half().float() for k, v in ours.items()}
+    (tmp_path / "rounded" / "prompt_learner").mkdir(parents=True)
+    torch.save({"state_dict": rounded, "epoch": 2}, tmp_path / "rounded" / "prompt_learner" / "model.pth.tar-2")
+
+    def evaluate(model_dir, out, *extra):
+        flags = ["--model-dir", str(model_dir), "--load-epoch", "2", "--eval-only"]
+        return run(method_command(workspace, "TCP", "vit_b16_ep100_ctxv1", tmp_path / out,
+                                  [*options, "DATASET.SUBSAMPLE_CLASSES", "new", *extra], flags), expect_ok=False)
+
+    refused = evaluate(tmp_path / "release", "refused")
+    assert refused.returncode == 2 and "TRUST_RELEASE_CHECKPOINT" in refused.stderr
+    converted = evaluate(tmp_path / "release", "converted", "MODEL.TRUST_RELEASE_CHECKPOINT", "True")
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert "is a checkpoint of the official release" in converted.stdout
+    direct = evaluate(tmp_path / "rounded", "direct")
+    assert accuracies(converted.stdout) == accuracies(direct.stdout) and len(accuracies(direct.stdout)) == 1
