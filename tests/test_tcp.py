@@ -5,12 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import requires_dassl
-from helpers import (EPS32, accuracies, assert_batch_independent, half_and_fp32_logits, half_tolerance, images_for,
-                     method_command, run, script_env, tiny_options, train_losses, write_release_checkpoint)
+from helpers import (EPS32, FEATURE_TOL, LOGIT_TOL, accuracies, assert_batch_independent, fixture_clip, grad_tol,
+                     half_and_fp32_logits, half_tolerance, images_for, load_fixture, loss_tol, method_command,
+                     release_state, run, script_env, tiny_options, train_losses, write_release_checkpoint)
 from vlprompt.clip.class_features import frozen_class_features
 from vlprompt.clip.encoders import PromptedTextEncoder
 from vlprompt.methods.settings import ConfigError
-from vlprompt.methods.tcp import (TCP, TCPSettings, class_prompt, frozen_template, kg_regulariser)
+from vlprompt.methods.tcp import (RELEASE_CHECKPOINT, TCP, TCPSettings, class_prompt, frozen_template, kg_regulariser,
+                                  release_ctx_init)
 
 CLASSES = ["dog", "sports_car", "oak tree", "violin", "golden retriever"]
 
@@ -27,6 +29,95 @@ def build(clip_model, classes=CLASSES, seed=0, dataset="OxfordPets", **settings)
         for name, p in model.prompt_learner.meta_net.named_parameters():
             p.normal_(0, 0.5 if name == "linear1.weight" else 0.2)
     return model
+
+
+# ---- the release's numbers (tests/fixtures/releases/tcp.pt, made by tcp_release.py) -------------------
+CASES = list(load_fixture("tcp")["cases"])  # script (OxfordPets' words, random context), ctx_init_w8 (UCF101's)
+
+
+def release_model(name):
+    """Our TCP on the fixtures' CLIP with the release's settings, frozen-feature template and
+    trainable state (through the checkpoint converter) of case `name`."""
+    fixture = load_fixture("tcp")
+    case = fixture["cases"][name]
+    dataset, config, classnames = case["template_dataset"], case["config"], fixture["inputs"]["classnames"]
+    settings = TCPSettings(n_ctx=config["N_CTX"], csc=config["CSC"], ctx_init=release_ctx_init(config["CTX_INIT"], dataset),
+                           class_token_position=config["CLASS_TOKEN_POSITION"], w=config["W"],
+                           tke_layer=case["tke_layer"], class_template=class_prompt(dataset))
+    model = TCP(fixture_clip(), settings, classnames, frozen(fixture_clip(), classnames, dataset))
+    initial = model.prompt_learner.ctx.detach().clone()
+    state = {**release_state(case), "token_prefix": torch.zeros(6, 1, 512), "token_suffix": torch.zeros(6, 72, 512)}
+    model.prompt_learner.load_state_dict(RELEASE_CHECKPOINT.convert(state))
+    return model, fixture, case, initial
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_loss_terms_and_gradients_equal_the_release(name):
+    model, fixture, case, _ = release_model(name)
+    images, labels = fixture["inputs"]["images"], fixture["inputs"]["labels"]
+    assert torch.equal(model.token_ids, case["tokenized_prompts"])
+    released = case["results"]["no_casts"]
+    assert case["results"]["as_shipped"]["cast_sites"] == {}  # TCP calls no Tensor.half
+    torch.testing.assert_close(model.frozen_text_features, released["frozen_text_features"], rtol=0, atol=FEATURE_TOL)
+    with torch.no_grad(), model.eval().evaluation():
+        logits = model(images)
+    loss, train_logits, parts = model.train().loss(images, labels)
+    loss.backward()
+    torch.testing.assert_close(logits, released["eval_logits"], rtol=0, atol=LOGIT_TOL)
+    torch.testing.assert_close(train_logits.detach(), released["train_logits"], rtol=0, atol=LOGIT_TOL)
+    terms, tol = released["loss_terms"], loss_tol(released["loss"], logits)
+    assert abs(loss.item() - float(released["loss"])) <= tol
+    assert abs(parts["loss_ce"] - float(terms["loss_ce"])) <= tol
+    assert abs(parts["loss_kg"] - 8.0 * float(terms["score"])) <= 8 * EPS32 * 8.0  # the release's literal 8.0
+    with torch.no_grad():
+        text = F.normalize(model.encode_classes(), dim=-1)
+    torch.testing.assert_close(text, released["text_features"], rtol=0, atol=FEATURE_TOL)
+    # exactly the release's trainables get gradients, equal within a few ulps of the largest
+    grads = {n: p.grad for n, p in model.prompt_learner.named_parameters()}  # the release's names under its model
+    assert sorted(grads) == sorted(released["grads"]["nonzero"])
+    assert sorted(f"prompt_learner.{n}" for n in grads) == case["trainable_requires_grad_names"]
+    assert released["grads"]["none"] == released["grads"]["zero"] == []
+    tol = grad_tol(released["grads"]["values"], ulps=64)
+    for key, expected in released["grads"]["values"].items():
+        torch.testing.assert_close(grads[key], expected, rtol=0, atol=tol, msg=key)
+    for key, rows in released["grads"]["head_rows"].items():  # meta_net.linear2.weight [2048, 128]
+        torch.testing.assert_close(grads[key][:8], rows, rtol=0, atol=tol, msg=key)
+
+
+def test_the_comparison_sees_which_class_gets_which_tokens():
+    """The fixture is not blind to the class-aware tokens: the tokens of other classes (the class
+    features in reverse order) move the logits 250 times the tolerance."""
+    model, fixture, _, _ = release_model("ctx_init_w8")
+    learner = model.prompt_learner
+    released = fixture["cases"]["ctx_init_w8"]["results"]["no_casts"]["eval_logits"]
+    with torch.no_grad():
+        mixed = model.text_encoder(model.token_ids, [learner.ctx, None, learner.class_aware_tokens(
+            model.frozen_text_features.flip(0))])
+        logits = model.logits(model.frozen_image_features(fixture["inputs"]["images"]), mixed)
+    assert (logits - released).abs().max() > 250 * LOGIT_TOL
+
+
+def test_release_initial_context_and_frozen_features():
+    """CTX_INIT True: "a photo of a"'s embeddings, as the release; its frozen features, made by an fp16
+    CLIP as shipped, differ from fp32 ones by fp16 rounding only."""
+    model, _, case, initial = release_model("ctx_init_w8")
+    assert torch.equal(initial, case["initial_state"]["ctx"]) and model.prompt_prefix == "a photo of a"
+    shipped = case["frozen_text_features_fp16_clip"]
+    difference = (shipped - model.frozen_text_features).abs().max()
+    assert FEATURE_TOL < difference < 2.0 ** -9
+
+
+@pytest.mark.parametrize("layout", ["checkpoint_fp32", "checkpoint_fp16"])
+def test_release_checkpoint_layouts_convert_to_our_state(layout):
+    """The state dict the release's save_model writes (fp32 and fp16 runs) converts to ours."""
+    model, _, case, _ = release_model("script")
+    entries = case[layout]["prompt_learner"]["state_dict"]
+    release = {key: torch.zeros(shape, dtype=getattr(torch, dtype)) for key, shape, dtype in entries}
+    assert case[layout]["folders"] == ["prompt_learner"] and RELEASE_CHECKPOINT.recognizes(release)
+    converted = RELEASE_CHECKPOINT.convert(release)
+    ours = model.prompt_learner.state_dict()
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    assert all(v.dtype == torch.float32 for v in converted.values())
 
 
 # ---- where the class-aware tokens enter ----------------------------------------------------------
@@ -95,6 +186,12 @@ def test_loss_is_cross_entropy_plus_the_weighted_regulariser(tiny_clip):
     assert model.settings.kg_weight == 3.0 and TCPSettings().kg_weight == 8.0  # the release's constant
     # frozen features themselves are at distance 0
     assert abs(kg_regulariser(model.frozen_text_features * 2.0, model.frozen_text_features).item()) < 1e-6
+
+
+def test_w_has_no_effect_as_in_the_release(tiny_clip):
+    images, labels = images_for(tiny_clip, batch=3), torch.tensor([0, 2, 4])
+    one, eight = (build(tiny_clip, w=w).loss(images, labels) for w in (1.0, 8.0))
+    assert one.loss.item() == eight.loss.item() and torch.equal(one.logits, eight.logits)
 
 
 def test_gradients_reach_the_context_and_the_meta_net_only(tiny_clip):
