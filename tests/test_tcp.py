@@ -41,7 +41,8 @@ def release_model(name):
     fixture = load_fixture("tcp")
     case = fixture["cases"][name]
     dataset, config, classnames = case["template_dataset"], case["config"], fixture["inputs"]["classnames"]
-    settings = TCPSettings(n_ctx=config["N_CTX"], csc=config["CSC"], ctx_init=release_ctx_init(config["CTX_INIT"], dataset),
+    settings = TCPSettings(n_ctx=config["N_CTX"], csc=config["CSC"],
+                           ctx_init=release_ctx_init(config["CTX_INIT"], dataset),
                            class_token_position=config["CLASS_TOKEN_POSITION"], w=config["W"],
                            tke_layer=case["tke_layer"], class_template=class_prompt(dataset))
     model = TCP(fixture_clip(), settings, classnames, frozen(fixture_clip(), classnames, dataset))
@@ -263,7 +264,8 @@ def test_release_state_dicts_are_recognised_and_converted(tiny_clip):
     ours = trained.prompt_learner.state_dict()
     # an fp16 run's prompt_learner (the release's meta-net is fp16 then), saved from DataParallel
     release = {f"module.{k}": v.half() for k, v in ours.items()}
-    release.update({"module.token_prefix": torch.zeros(5, 1, 64).half(), "module.token_suffix": torch.zeros(5, 72, 64).half()})
+    release.update({"module.token_prefix": torch.zeros(5, 1, 64).half(),
+                    "module.token_suffix": torch.zeros(5, 72, 64).half()})
     assert RELEASE_CHECKPOINT.recognizes(release) and not RELEASE_CHECKPOINT.recognizes(ours)
     converted = RELEASE_CHECKPOINT.convert(release)
     assert set(converted) == set(ours) and all(v.dtype == torch.float32 for v in converted.values())

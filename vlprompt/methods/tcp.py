@@ -88,8 +88,9 @@ class TCPSettings:
         check_ctx_init(self.ctx_init)
         if self.tke_layer >= shape.text_layers:
             raise ConfigError("tke_layer", self.tke_layer,
-                              f"must be in [1, {shape.text_layers - 1}]: this backbone has {shape.text_layers} text "
-                              f"layers and the class-aware tokens enter before one of layers 1..{shape.text_layers - 1}")
+                              f"must be in [1, {shape.text_layers - 1}]: this backbone has {shape.text_layers} "
+                              f"text layers and the class-aware tokens enter before one of layers "
+                              f"1..{shape.text_layers - 1}")
         if self.class_template and self.class_template.count("{}") != 1:
             raise ConfigError("class_template", self.class_template, "must hold '{}' (the class name) exactly once")
 
@@ -105,7 +106,8 @@ class TCPPromptLearner(nn.Module):
 
     def __init__(self, n_ctx: int, width: int, embed_dim: int, first_context: Optional[Tensor]):
         super().__init__()
-        start = first_context.clone() if first_context is not None else nn.init.normal_(torch.empty(n_ctx, width), std=0.02)
+        random = first_context is None
+        start = nn.init.normal_(torch.empty(n_ctx, width), std=0.02) if random else first_context.clone()
         self.ctx = nn.Parameter(start)
         self.meta_net = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(embed_dim, embed_dim // 4)),
@@ -148,7 +150,8 @@ class TCP(PromptedCLIPClassifier):
         try:
             return clip_api.tokenize(prompts)
         except RuntimeError as err:
-            raise ConfigError("class_template", template, f"a class prompt does not fit CLIP's 77 tokens: {err}") from err
+            raise ConfigError("class_template", template,
+                              f"a class prompt does not fit CLIP's 77 tokens: {err}") from err
 
     def encode_classes(self) -> Tensor:
         """Text features [C, E]: ctx at the input, the class-aware tokens T before layer TKE_LAYER."""
