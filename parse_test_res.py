@@ -22,8 +22,8 @@ import numpy as np
 from tabulate import tabulate
 
 from vlprompt.files import atomic_write_text
-from vlprompt.layout import BASE2NEW_DATASETS
-from vlprompt.results import TEST_END, TRAIN_END, ResultsError, ci95, harmonic_mean, read_run
+from vlprompt.experiments.layout import BASE2NEW_DATASETS
+from vlprompt.experiments.results import TEST_END, TRAIN_END, ResultsError, ci95, harmonic_mean, read_run
 
 def parse_seeds(directory: str, end_signal, keyword="accuracy", use_ci95=False, out=print) -> Dict[str, float]:
     """CoOp's parse_function: each subfolder of `directory` is one run (one seed)."""

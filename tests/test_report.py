@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlprompt import report_figures
-from vlprompt.report import build, main, report
+from vlprompt.experiments import report_figures
+from vlprompt.experiments.report import build, main, report
 from helpers import eval_log, train_log, write
 from test_parse_test_res import base2new_layout
 

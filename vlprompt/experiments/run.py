@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import layout
-from .errors import UserError
-from .methods.registry import MethodSpec, get_method, method_for_scripts
+from ..errors import UserError
+from ..methods.registry import MethodSpec, get_method, method_for_scripts
 from .results import finished
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_PY = os.path.join(REPO, "train.py")
 SHOTS = 16  # base-to-new and cross-dataset training use 16 shots, as in CoOp
 # task -> (its positional arguments, the task family whose default config it uses)

@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import layout
-from .errors import UserError, report_user_errors
-from .methods.registry import get_method, methods
+from ..errors import UserError, report_user_errors
+from ..methods.registry import get_method, methods
 from .results import finished
 
 class SweepError(UserError):
     """A mistake in the sweep's arguments or profile; the message names the value and the fix."""
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASKS = ("base2new", "xd", "dg", "fewshot")
 
 
