@@ -3,8 +3,11 @@ import argparse
 import io
 import os
 import re
+import shutil
 import sys
+import time
 import warnings
+from dataclasses import asdict, fields
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip / wilds imports
 # Dassl imports wilds, which starts a PyPI version check through `outdated` in a thread that
@@ -22,8 +25,10 @@ import trainers  # noqa: F401  registers the trainers
 from trainers.clip_prompt import ClipPromptTrainer
 from trainers.config import extend_cfg
 from vlprompt.errors import InvalidValue, report_user_errors
+from vlprompt.experiments import record
+from vlprompt.experiments.results import finished
 from vlprompt.files import exclusive_folder
-from vlprompt.methods.registry import get_method
+from vlprompt.methods.registry import get_method, methods
 from vlprompt.methods.settings import closest, describe
 
 
@@ -158,24 +163,112 @@ def close_log() -> None:
         os.remove(logger.file.name)
 
 
+def trainer_reads(cfg):
+    """The keys under TRAINER the running trainer reads (its layout's paths), e.g. HICROPL.N_CTX."""
+    for spec in methods():
+        for name, layout in spec.trainer_names():
+            if name == cfg.TRAINER.NAME:
+                reads = [layout.path(f.name) for f in fields(spec.settings)]
+                if issubclass(TRAINER_REGISTRY.get(name), ClipPromptTrainer):
+                    reads.append(layout.path("prec"))
+                return sorted(reads)
+    return []
+
+
+def compared_config(cfg, args) -> dict:
+    """What a run's numbers may depend on: the resolved config, flattened, and the train.py flags
+    that are not config keys (which checkpoint an evaluation loads)."""
+    flat = record.flatten(cfg)
+    flat.update({"--eval-only": bool(args.eval_only), "--model-dir": args.model_dir or "",
+                 "--load-epoch": args.load_epoch, "--no-train": bool(args.no_train)})
+    return flat
+
+
+def resolved_config(argv) -> dict:
+    """compared_config of a train.py command line (vlprompt.run compares a finished run with it)."""
+    args = build_parser().parse_args(list(argv))
+    return compared_config(setup_cfg(args), args)
+
+
+def check_record(cfg, args):
+    """The record of the run already in the output folder (None if there is none, or --restart
+    discards it); a run made with other options is refused, naming the keys that differ."""
+    folder, previous = cfg.OUTPUT_DIR, record.read(cfg.OUTPUT_DIR)
+    if args.restart or previous is None:
+        return None, None
+    changes = record.compare(previous, compared_config(cfg, args))
+    if changes.relevant:
+        raise record.refusal(folder, changes, finished(folder, "test" if args.eval_only else "train"))
+    return previous, changes
+
+
+def discard_run(folder: str) -> None:
+    """--restart: the earlier run's files go (the lock this process holds stays)."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name != ".lock":
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def write_record(cfg, args, trainer) -> None:
+    """The run's record (vlprompt/experiments/record.py), written when it starts."""
+    settings_from = getattr(type(trainer), "settings_from", None)
+    dm = trainer.dm
+    train = dm.dataset.train_x or []
+    per_class = {}
+    for item in train:
+        per_class[item.label] = per_class.get(item.label, 0) + 1
+    record.write(cfg.OUTPUT_DIR, {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "request": record.request(sys.argv[1:]),
+        "trainer": cfg.TRAINER.NAME,
+        "reads": trainer_reads(cfg),
+        "batch_independent_eval": bool(getattr(trainer, "batch_independent_eval", False)),
+        "settings": asdict(settings_from(cfg)) if settings_from else None,
+        "backbone": {"name": cfg.MODEL.BACKBONE.NAME, "path": cfg.MODEL.BACKBONE.PATH,
+                     "fingerprint": getattr(trainer, "backbone_fingerprint", None)},
+        "dataset": {"name": cfg.DATASET.NAME, "subsample_classes": cfg.DATASET.SUBSAMPLE_CLASSES,
+                    "num_shots": cfg.DATASET.NUM_SHOTS, "seed": cfg.SEED, "classes": dm.num_classes,
+                    "train_x": len(train), "val": len(dm.dataset.val or []), "test": len(dm.dataset.test or []),
+                    "shots_used": min(per_class.values()) if per_class else None},
+        "config": compared_config(cfg, args),
+    })
+
+
 def main(args):
     cfg = setup_cfg(args)
     trainer_class(cfg)  # fail fast: before the run folder, the logger, the data and the weights
+    previous, changes = check_record(cfg, args)  # before anything is written to the folder
     determinism = configure_determinism(cfg.DETERMINISTIC, on_cuda=torch.cuda.is_available() and cfg.USE_CUDA)
     folder_existed = os.path.isdir(cfg.OUTPUT_DIR)
     try:
         with exclusive_folder(cfg.OUTPUT_DIR):
             try:
+                restarted = args.restart and record.has_run(cfg.OUTPUT_DIR)
+                if restarted:
+                    discard_run(cfg.OUTPUT_DIR)
+                started_before = record.has_run(cfg.OUTPUT_DIR)
                 if cfg.SEED >= 0:
                     print(f"Setting fixed seed: {cfg.SEED}")
                     set_random_seed(cfg.SEED)
                 setup_logger(cfg.OUTPUT_DIR)
+                if restarted:
+                    print(f"--restart: the earlier run in {cfg.OUTPUT_DIR} was discarded")
+                if changes is not None and changes.harmless:
+                    print(changes.harmless_note())
+                if started_before and previous is None and not restarted:
+                    print(f"note: {cfg.OUTPUT_DIR} holds a run started before runs were recorded (no "
+                          f"{record.RECORD_FILE}): its options cannot be compared with these")
                 if determinism:
                     print(determinism)
                 print_args(args, cfg)
                 print("Collecting env info ...")
                 print(f"** System info **\n{collect_env_info()}\n")
                 trainer = build_trainer(cfg)
+                if previous is not None:
+                    record.check_backbone(cfg.OUTPUT_DIR, previous, getattr(trainer, "backbone_fingerprint", None))
+                elif not started_before:
+                    write_record(cfg, args, trainer)
             except BaseException:
                 close_log()
                 raise
@@ -224,6 +317,9 @@ def build_parser():
     parser.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
     parser.add_argument("--help-config", action="store_true",
                         help="list the config keys of --trainer's method, with their defaults and help, and exit")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the run already in --output-dir (its logs, checkpoints and record) and "
+                             "start over, instead of resuming it or refusing other options")
     parser.add_argument("--deterministic", action="store_true",
                         help="bitwise-reproducible GPU runs (deterministic algorithms, no cuDNN autotuning; "
                              "slower); the same as the config option DETERMINISTIC True")

@@ -39,3 +39,88 @@ def test_experiment_tooling_has_no_import_cycle():
 
     for name in graph:
         visit(name, [])
+
+
+# ---- item 1 and 7: the run record; a run is resumed or skipped only with its own options -----------
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from conftest import requires_dassl  # noqa: E402
+from helpers import script_env, tiny_options  # noqa: E402
+
+COOP_ARGS = ("base2new_train", "CoOp", "caltech101", "1")
+
+
+@pytest.fixture(scope="module")
+def finished_run(workspace, tmp_path_factory):
+    """One finished CoOp base-to-new training (1 epoch, tiny data and CLIP) through vlprompt.run."""
+    tmp = tmp_path_factory.mktemp("honest")
+    env = script_env(workspace, tmp / "output")
+    options = tiny_options(workspace, "COOP", "OPTIM.MAX_EPOCH", "1", "DATALOADER.TRAIN_X.BATCH_SIZE", "4")
+    proc = subprocess.run([sys.executable, "-m", "vlprompt.run", *COOP_ARGS, *options], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = tmp / "output/base2new/train_base/caltech101/shots_16/CoOp/vit_b16_ctxv1/seed1"
+    return folder, env, options
+
+
+def run_main(env, *args):
+    from vlprompt.experiments import run
+    return run.main(list(args), env)
+
+
+@requires_dassl
+def test_a_run_records_what_produced_it(finished_run):
+    folder, _, _ = finished_run
+    record = json.loads((folder / "run.json").read_text())
+    assert record["config"]["OPTIM.MAX_EPOCH"] == 1 and record["config"]["TRAINER.NAME"] == "CoOp"
+    assert record["config"]["DATASET.SUBSAMPLE_CLASSES"] == "base" and record["config"]["--eval-only"] is False
+    assert record["settings"]["ctx_init"] == "a photo of a" and "COOP.N_CTX" in record["reads"]
+    assert len(record["backbone"]["fingerprint"]) == 64 and record["backbone"]["path"].endswith("tiny_clip.pt")
+    assert record["dataset"]["name"] == "Caltech101" and record["dataset"]["classes"] == 3  # base half of 6
+    assert record["request"]["argv"][:2] == ["--output-dir", str(folder)]
+    assert all(len(sha) == 64 for sha in record["request"]["files"].values())
+
+
+@requires_dassl
+def test_a_finished_run_is_skipped_only_with_its_own_options(finished_run, capsys):
+    folder, env, options = finished_run
+    assert run_main(env, *COOP_ARGS, *options) == 0
+    assert "made with these options: skipping" in capsys.readouterr().out
+    # harmless keys may differ, and the output says they did
+    assert run_main(env, *COOP_ARGS, *options, "DATALOADER.NUM_WORKERS", "1", "TRAIN.PRINT_FREQ", "3") == 0
+    out = capsys.readouterr().out
+    assert "skipping" in out and "cannot change the results" in out and "DATALOADER.NUM_WORKERS 0 -> 1" in out
+    # other options: refused, naming the keys and both ways out
+    assert run_main(env, *COOP_ARGS, *options, "OPTIM.MAX_EPOCH", "2", "OPTIM.LR", "0.1") == 2
+    err = capsys.readouterr().err
+    assert f"{folder} holds a finished run made with other options" in err
+    assert "OPTIM.LR 0.002 -> 0.1" in err and "OPTIM.MAX_EPOCH 1 -> 2" in err and "DATALOADER" not in err
+    assert "--restart" in err and "new output folder" in err
+    assert not (folder / "prompt_learner" / "model.pth.tar-2").exists()
+
+
+@requires_dassl
+def test_an_unfinished_run_is_not_resumed_with_other_options(finished_run, tmp_path):
+    """train.py itself (the entry of every resume) refuses before writing anything; --restart passes."""
+    import train
+    folder, env, options = finished_run
+    unfinished = tmp_path / "seed1"
+    unfinished.mkdir()
+    (unfinished / "run.json").write_text((folder / "run.json").read_text())  # started, no epoch finished
+    argv = json.loads((folder / "run.json").read_text())["request"]["argv"]
+    argv[argv.index("--output-dir") + 1] = str(unfinished)
+    with pytest.raises(Exception) as refused:
+        train.main(train.build_parser().parse_args(argv + ["OPTIM.LR", "0.1"]))
+    assert type(refused.value).__name__ == "ChangedRun"
+    assert "holds an unfinished run made with other options: OPTIM.LR 0.002 -> 0.1" in str(refused.value)
+    assert sorted(p.name for p in unfinished.iterdir()) == ["run.json"]
+    args = train.build_parser().parse_args(["--restart"] + argv + ["OPTIM.LR", "0.1"])
+    assert train.check_record(train.setup_cfg(args), args) == (None, None)
+    args = train.build_parser().parse_args(argv + ["DATALOADER.TEST.BATCH_SIZE", "7"])  # batch-independent
+    previous, changes = train.check_record(train.setup_cfg(args), args)
+    assert previous is not None and [c[0] for c in changes.harmless] == ["DATALOADER.TEST.BATCH_SIZE", "OUTPUT_DIR"]
+

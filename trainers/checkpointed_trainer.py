@@ -65,6 +65,9 @@ def device_report(device: torch.device, visible_gpus: int) -> List[str]:
 
 class CheckpointedTrainer(TrainerX):
     scaler = None  # a torch.amp.GradScaler when the trainer uses one
+    # Evaluation logits of one image do not depend on the others in its batch (eval mode: no batch
+    # statistics), so the run record lets DATALOADER.TEST.BATCH_SIZE differ on resume.
+    batch_independent_eval = True
     amp_skipped = 0  # optimizer steps the scaler skipped this epoch
 
     @property

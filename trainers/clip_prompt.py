@@ -135,6 +135,8 @@ class ClipPromptTrainer(CheckpointedTrainer):
         print(f"Loading CLIP (backbone: {backbone.NAME}{', file: ' + backbone.PATH if backbone.PATH else ''})")
         clip_model = load_clip(backbone.NAME, backbone.PATH, backbone.DOWNLOAD_ROOT or None)
         check_input_size(self.cfg, clip_model.visual.input_resolution)
+        # the run record keeps it: a resumed run must use the weights it started with
+        self.backbone_fingerprint = tensors_fingerprint(clip_model.state_dict().items())
         return clip_model.to(self.device)
 
     def frozen_class_features(self, clip_model, settings):
