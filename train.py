@@ -1,5 +1,6 @@
 """Train or evaluate a prompt learner with Dassl: the CoOp / MaPLe command line."""
 import argparse
+import glob
 import io
 import os
 import re
@@ -235,9 +236,53 @@ def write_record(cfg, args, trainer) -> None:
     })
 
 
+def method_of(trainer_name: str):
+    """The registered method a trainer name belongs to (its own name or a release alias), or None."""
+    return next((spec for spec in methods() for name, _ in spec.trainer_names() if name == trainer_name), None)
+
+
+def check_flags(args, cfg) -> None:
+    """Flags that would otherwise succeed doing something else than asked."""
+    spec = method_of(cfg.TRAINER.NAME)
+    if args.eval_only and not args.model_dir and not cfg.MODEL.INIT_WEIGHTS and (spec is None or spec.trains):
+        raise InvalidValue(f"--eval-only without --model-dir: {cfg.TRAINER.NAME} trains, so this would evaluate its "
+                           f"untrained prompts. Give --model-dir <the training's output folder> (and --load-epoch N "
+                           f"for another epoch than the last), or MODEL.INIT_WEIGHTS <checkpoint file>")
+    if args.resume:
+        saved = (glob.glob(os.path.join(args.resume, "*", "resume.pth.tar"))
+                 + glob.glob(os.path.join(args.resume, "*", "checkpoint")))
+        if not os.path.isdir(args.resume) or not saved:
+            what = "no such folder" if not os.path.isdir(args.resume) else "no checkpoint in it (<name>/checkpoint)"
+            raise InvalidValue(f"--resume {args.resume}: {what}, so training would start from scratch. Give the "
+                               f"output folder of the run to continue, or leave --resume out (a rerun of the same "
+                               f"command resumes its own --output-dir)")
+
+
+def unread_trainer_keys(cfg):
+    """TRAINER keys set to something else than their default that the running trainer does not
+    read (another method's node, e.g. TRAINER.MAPLE.N_CTX on a HiCroPL run): they change nothing."""
+    reads = set(trainer_reads(cfg)) | {"NAME"}
+    defaults = record.flatten(extend_cfg(get_cfg_default()).TRAINER)
+    return [key for key, value in record.flatten(cfg.TRAINER).items()
+            if key not in reads and value != defaults.get(key)]
+
+
+def unread_keys_warning(cfg) -> str:
+    unread = unread_trainer_keys(cfg)
+    if not unread:
+        return ""
+    own = sorted({key.split(".")[0] for key in trainer_reads(cfg) if "." in key})
+    nodes = " and ".join(f"TRAINER.{node}" for node in own) or "its own node"
+    return (f"warning: {', '.join('TRAINER.' + key for key in unread)} "
+            f"{'is' if len(unread) == 1 else 'are'} not read by {cfg.TRAINER.NAME} and change nothing: its options "
+            f"are under {nodes} (python train.py --trainer {cfg.TRAINER.NAME} --help-config lists them)")
+
+
 def main(args):
     cfg = setup_cfg(args)
     trainer_class(cfg)  # fail fast: before the run folder, the logger, the data and the weights
+    check_flags(args, cfg)
+    unread_warning = unread_keys_warning(cfg)
     previous, changes = check_record(cfg, args)  # before anything is written to the folder
     determinism = configure_determinism(cfg.DETERMINISTIC, on_cuda=torch.cuda.is_available() and cfg.USE_CUDA)
     folder_existed = os.path.isdir(cfg.OUTPUT_DIR)
@@ -259,6 +304,8 @@ def main(args):
                 if started_before and previous is None and not restarted:
                     print(f"note: {cfg.OUTPUT_DIR} holds a run started before runs were recorded (no "
                           f"{record.RECORD_FILE}): its options cannot be compared with these")
+                if unread_warning:
+                    print(unread_warning)
                 if determinism:
                     print(determinism)
                 print_args(args, cfg)

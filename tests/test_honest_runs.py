@@ -124,3 +124,62 @@ def test_an_unfinished_run_is_not_resumed_with_other_options(finished_run, tmp_p
     previous, changes = train.check_record(train.setup_cfg(args), args)
     assert previous is not None and [c[0] for c in changes.harmless] == ["DATALOADER.TEST.BATCH_SIZE", "OUTPUT_DIR"]
 
+
+# ---- item 3: what used to succeed silently -------------------------------------------------------
+def train_cli(monkeypatch, argv):
+    """train.py's command line in this process: its exit status (SystemExit) and stderr."""
+    import train
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    with pytest.raises(SystemExit) as exited:
+        train.cli()
+    return exited.value.code
+
+
+def hicropl_argv(workspace, out, *extra):
+    from helpers import train_command
+    return train_command(workspace, out, *extra)[2:]
+
+
+@requires_dassl
+def test_eval_only_without_model_dir_is_refused(workspace, tmp_path, monkeypatch, capsys):
+    assert train_cli(monkeypatch, hicropl_argv(workspace, tmp_path / "out", "--eval-only")) == 2
+    err = capsys.readouterr().err
+    assert "--eval-only without --model-dir: HiCroPL trains, so this would evaluate its untrained prompts" in err
+    assert not (tmp_path / "out").exists()
+
+
+@requires_dassl
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_resume_from_a_folder_without_checkpoint_is_refused(workspace, tmp_path, monkeypatch, capsys, make):
+    resume = tmp_path / "nonexistent"
+    if make == "empty":
+        resume.mkdir()
+    assert train_cli(monkeypatch, ["--resume", str(resume), *hicropl_argv(workspace, tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {resume}: " in err and "training would start from scratch" in err
+    assert ("no such folder" if make == "missing" else "no checkpoint in it") in err
+
+
+def test_an_empty_class_folder_is_refused(tmp_path):
+    from datasets.coop_split import DatasetLayoutError
+    from datasets.imagenet import read_class_folders
+    for wnid in ("n01", "n02", "n03"):
+        (tmp_path / wnid).mkdir()
+    for wnid in ("n01", "n03"):
+        (tmp_path / wnid / "a.jpg").write_bytes(b"x")
+    with pytest.raises(DatasetLayoutError) as refused:
+        read_class_folders(str(tmp_path), {"n01": "dog", "n02": "cat", "n03": "cow"}, "ImageNetSketch")
+    assert f"class folder {tmp_path / 'n02'} (cat) is empty: ImageNetSketch would lose that class" in str(refused.value)
+
+
+@requires_dassl
+def test_another_methods_options_are_warned_about_naming_the_trainers_node(workspace, tmp_path):
+    import train
+    from helpers import train_command
+    argv = train_command(workspace, tmp_path, "TRAINER.MAPLE.N_CTX", "8", "TRAINER.COOP.CSC", "True")[2:]
+    cfg = train.setup_cfg(train.build_parser().parse_args(argv))
+    assert train.unread_keys_warning(cfg) == (
+        "warning: TRAINER.COOP.CSC, TRAINER.MAPLE.N_CTX are not read by HiCroPL and change nothing: its options are "
+        "under TRAINER.HICROPL (python train.py --trainer HiCroPL --help-config lists them)")
+    own = train.setup_cfg(train.build_parser().parse_args(train_command(workspace, tmp_path)[2:]))
+    assert train.unread_keys_warning(own) == ""  # its own keys (set by the recipe and the test options)
