@@ -183,3 +183,45 @@ def test_another_methods_options_are_warned_about_naming_the_trainers_node(works
         "under TRAINER.HICROPL (python train.py --trainer HiCroPL --help-config lists them)")
     own = train.setup_cfg(train.build_parser().parse_args(train_command(workspace, tmp_path)[2:]))
     assert train.unread_keys_warning(own) == ""  # its own keys (set by the recipe and the test options)
+
+
+# ---- item 2: more shots than images ------------------------------------------------------------
+@requires_dassl
+def test_more_shots_than_images_is_refused_unless_allowed(tmp_path, monkeypatch, capsys):
+    from datasets.synthetic import write_dataset
+    from helpers import build_dataset
+    from vlprompt.errors import InvalidValue
+    monkeypatch.setenv("VLPROMPT_CACHE", str(tmp_path / "cache"))
+    write_dataset(str(tmp_path / "data"), "EuroSAT", 4, (3, 2, 2))
+    with pytest.raises(InvalidValue) as refused:
+        build_dataset(tmp_path / "data", "EuroSAT", shots=5)
+    assert str(refused.value).startswith("DATASET.NUM_SHOTS=5 but 4 of 4 classes of EuroSAT have fewer training "
+                                         "images (")
+    assert "Use DATASET.NUM_SHOTS 3 or less, or set DATASET.ALLOW_FEWER_SHOTS True" in str(refused.value)
+    assert not (tmp_path / "data/eurosat/split_fewshot").exists()  # nothing cached under the wrong name
+
+    from helpers import make_cfg
+    from dassl.data.datasets import build_dataset as dassl_build_dataset
+    cfg = make_cfg(tmp_path / "data", "EuroSAT", shots=5)
+    cfg.DATASET.ALLOW_FEWER_SHOTS = True
+    dataset = dassl_build_dataset(cfg)
+    assert len(dataset.train_x) == 4 * 3
+    assert "DATASET.ALLOW_FEWER_SHOTS is True: those classes train on fewer (at least 3 of 5 per class)" in \
+        capsys.readouterr().out
+
+
+def test_fewer_shots_are_said_by_parse_test_res_and_the_report(tmp_path):
+    from helpers import eval_log, train_log, write
+    from vlprompt.experiments import record
+    from vlprompt.experiments.report import build
+    import parse_test_res as ptr
+    common = "caltech101/shots_16/HiCroPL/c16/seed1"
+    write(tmp_path / "base2new/train_base" / common / "log.txt", train_log(80.0))
+    write(tmp_path / "base2new/test_new" / common / "log.txt", eval_log(60.0))
+    record.write(str(tmp_path / "base2new/train_base" / common),
+                 {"trainer": "HiCroPL", "dataset": {"num_shots": 16, "shots_used": 4}, "config": {}})
+    note = "4 of 16 shots per class for some classes (DATASET.ALLOW_FEWER_SHOTS)"
+    _, _, problems = ptr.base2new_summary(str(tmp_path / "base2new"), out=lambda *_: None)
+    assert any(p.endswith(f"seed1: note: {note}") for p in problems)
+    report = build("base2new", ["HiCroPL/c16"], str(tmp_path), ["caltech101"], seeds=[1], figures=False)
+    assert f"## Notes\n\n- {tmp_path / 'base2new/train_base' / common}: {note}\n" in report.markdown

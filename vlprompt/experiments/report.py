@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from . import layout
+from . import layout, record
 from ..errors import UserError
 from ..files import OutputWriteError, atomic_write
 from ..methods.registry import PAPER_METHODS, get_method, prompt_methods
@@ -568,6 +568,9 @@ def build(task, method_specs, output="output", datasets=None, seeds=(1, 2, 3), s
                                                         "base2new_wide.csv": base2new_wide_csv(rows, datasets)}
     else:
         md, files = accuracy_markdown(task, rows, datasets), {f"{task}.csv": accuracy_csv(task, rows, datasets)}
+    notes = run_notes(output, {m.trainer for m in methods})
+    if notes:  # what the numbers used that the folder names do not say (fewer shots)
+        md += "\n## Notes\n\n" + "".join(f"- {note}\n" for note in notes)
     files = {f"{task}.md": md.encode(), **{name: text.encode() for name, text in files.items()}}
     if figures:
         from . import report_figures
@@ -575,6 +578,16 @@ def build(task, method_specs, output="output", datasets=None, seeds=(1, 2, 3), s
                   else report_figures.accuracy_figure(task, rows, datasets))
         files.update({f"{task}.{ext}": data for ext, data in report_figures.render(figure).items()})
     return Report(task, datasets, rows, md, files)
+
+
+def run_notes(output: str, trainers) -> List[str]:
+    """The run records' notes (record.notes) of the runs of these trainers under output."""
+    notes = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(output), "**", record.RECORD_FILE), recursive=True)):
+        recorded = record.read(os.path.dirname(path))
+        if recorded and recorded.get("trainer") in trainers:
+            notes += [f"{os.path.dirname(path)}: {note}" for note in record.notes(recorded)]
+    return notes
 
 
 def gaps(report_: Report) -> Tuple[int, int]:
