@@ -28,7 +28,7 @@ from trainers.config import extend_cfg
 from vlprompt.errors import InvalidValue, report_user_errors
 from vlprompt.experiments import record
 from vlprompt.experiments.results import finished
-from vlprompt.files import exclusive_folder
+from vlprompt.files import OutputWriteError, exclusive_folder
 from vlprompt.methods.registry import get_method, methods
 from vlprompt.methods.settings import closest, describe
 
@@ -278,6 +278,32 @@ def unread_keys_warning(cfg) -> str:
             f"are under {nodes} (python train.py --trainer {cfg.TRAINER.NAME} --help-config lists them)")
 
 
+def check_output_folder(folder: str) -> None:
+    """The run folder can be made and written (a part of the path that is a file, no permission)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise OutputWriteError(f"cannot create the output folder {folder}: {err.strerror or err} (is a part of "
+                               f"that path a file?). Choose another OUTPUT / --output-dir") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"the output folder {folder} is not writable: choose another OUTPUT / --output-dir, "
+                               f"or make it writable")
+
+
+def interrupted_message(trainer, folder: str, eval_only: bool) -> str:
+    """Ctrl-C: where the run stopped and how to go on, in one line."""
+    if trainer is None:
+        return f"Interrupted before the run in {folder} started; nothing to resume: rerun the same command"
+    if eval_only:
+        return f"Interrupted while evaluating into {folder}; rerunning the same command evaluates again"
+    done = getattr(trainer, "epoch", 0) or 0  # the epoch running (0-based) = the epochs finished
+    if getattr(trainer, "start_epoch", None) is None or not hasattr(trainer, "max_epoch"):
+        return f"Interrupted before the first epoch in {folder}; rerunning the same command starts it again"
+    saved = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} saved; rerunning the same command "
+             f"resumes after epoch {done}" if done else "no epoch finished; rerunning the same command starts over")
+    return f"Interrupted during epoch {done + 1}/{trainer.max_epoch} in {folder}: {saved}"
+
+
 def main(args):
     cfg = setup_cfg(args)
     trainer_class(cfg)  # fail fast: before the run folder, the logger, the data and the weights
@@ -287,46 +313,59 @@ def main(args):
     determinism = configure_determinism(cfg.DETERMINISTIC, on_cuda=torch.cuda.is_available() and cfg.USE_CUDA)
     folder_existed = os.path.isdir(cfg.OUTPUT_DIR)
     try:
-        with exclusive_folder(cfg.OUTPUT_DIR):
-            try:
-                restarted = args.restart and record.has_run(cfg.OUTPUT_DIR)
-                if restarted:
-                    discard_run(cfg.OUTPUT_DIR)
-                started_before = record.has_run(cfg.OUTPUT_DIR)
-                if cfg.SEED >= 0:
-                    print(f"Setting fixed seed: {cfg.SEED}")
-                    set_random_seed(cfg.SEED)
-                setup_logger(cfg.OUTPUT_DIR)
-                if restarted:
-                    print(f"--restart: the earlier run in {cfg.OUTPUT_DIR} was discarded")
-                if changes is not None and changes.harmless:
-                    print(changes.harmless_note())
-                if started_before and previous is None and not restarted:
-                    print(f"note: {cfg.OUTPUT_DIR} holds a run started before runs were recorded (no "
-                          f"{record.RECORD_FILE}): its options cannot be compared with these")
-                if unread_warning:
-                    print(unread_warning)
-                if determinism:
-                    print(determinism)
-                print_args(args, cfg)
-                print("Collecting env info ...")
-                print(f"** System info **\n{collect_env_info()}\n")
-                trainer = build_trainer(cfg)
-                if previous is not None:
-                    record.check_backbone(cfg.OUTPUT_DIR, previous, getattr(trainer, "backbone_fingerprint", None))
-                elif not started_before:
-                    write_record(cfg, args, trainer)
-            except BaseException:
-                close_log()
-                raise
-            if args.eval_only:
-                trainer.load_model(args.model_dir, epoch=args.load_epoch)
-                trainer.test()
-            elif not args.no_train:
-                trainer.train()
+        check_output_folder(cfg.OUTPUT_DIR)
+        start_and_run(cfg, args, previous, changes, unread_warning, determinism)
+    except KeyboardInterrupt:
+        print(interrupted_message(RUNNING.get("trainer"), cfg.OUTPUT_DIR, args.eval_only), file=sys.stderr)
+        sys.exit(130)
     finally:
         if not folder_existed and os.path.isdir(cfg.OUTPUT_DIR) and not os.listdir(cfg.OUTPUT_DIR):
             os.rmdir(cfg.OUTPUT_DIR)  # a failed start leaves no folder behind
+
+
+RUNNING = {}  # the trainer of this process's run, for the Ctrl-C message
+
+
+def start_and_run(cfg, args, previous, changes, unread_warning, determinism):
+    """The run in its locked folder: the log, the record, the trainer, then training or evaluation."""
+    with exclusive_folder(cfg.OUTPUT_DIR):
+        try:
+            restarted = args.restart and record.has_run(cfg.OUTPUT_DIR)
+            if restarted:
+                discard_run(cfg.OUTPUT_DIR)
+            started_before = record.has_run(cfg.OUTPUT_DIR)
+            if cfg.SEED >= 0:
+                print(f"Setting fixed seed: {cfg.SEED}")
+                set_random_seed(cfg.SEED)
+            setup_logger(cfg.OUTPUT_DIR)
+            if restarted:
+                print(f"--restart: the earlier run in {cfg.OUTPUT_DIR} was discarded")
+            if changes is not None and changes.harmless:
+                print(changes.harmless_note())
+            if started_before and previous is None and not restarted:
+                print(f"note: {cfg.OUTPUT_DIR} holds a run started before runs were recorded (no "
+                      f"{record.RECORD_FILE}): its options cannot be compared with these")
+            if unread_warning:
+                print(unread_warning)
+            if determinism:
+                print(determinism)
+            print_args(args, cfg)
+            print("Collecting env info ...")
+            print(f"** System info **\n{collect_env_info()}\n")
+            trainer = build_trainer(cfg)
+            RUNNING["trainer"] = trainer
+            if previous is not None:
+                record.check_backbone(cfg.OUTPUT_DIR, previous, getattr(trainer, "backbone_fingerprint", None))
+            elif not started_before:
+                write_record(cfg, args, trainer)
+        except BaseException:
+            close_log()
+            raise
+        if args.eval_only:
+            trainer.load_model(args.model_dir, epoch=args.load_epoch)
+            trainer.test()
+        elif not args.no_train:
+            trainer.train()
 
 
 def print_config_help(trainer_name: str) -> None:
@@ -374,11 +413,28 @@ def build_parser():
     return parser
 
 
+def quiet_when_the_reader_leaves(command):
+    """A reader that stops early (`--help-config | head`) is not an error: no BrokenPipeError
+    traceback, at once or when Python flushes stdout at exit."""
+    def guarded(*args):
+        try:
+            result = command(*args)
+            sys.stdout.flush()
+            return result
+        except BrokenPipeError:
+            try:  # stdout is gone: point it at /dev/null so the flush at exit has nowhere to fail
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+                pass
+            sys.exit(0)
+    return guarded
+
+
 @report_user_errors
 def cli():
     args = build_parser().parse_args()
     if args.help_config:
-        return print_config_help(args.trainer)
+        return quiet_when_the_reader_leaves(print_config_help)(args.trainer)
     return main(args)
 
 

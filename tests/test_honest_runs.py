@@ -225,3 +225,78 @@ def test_fewer_shots_are_said_by_parse_test_res_and_the_report(tmp_path):
     assert any(p.endswith(f"seed1: note: {note}") for p in problems)
     report = build("base2new", ["HiCroPL/c16"], str(tmp_path), ["caltech101"], seeds=[1], figures=False)
     assert f"## Notes\n\n- {tmp_path / 'base2new/train_base' / common}: {note}\n" in report.markdown
+
+
+# ---- item 5: no tracebacks -----------------------------------------------------------------------
+@requires_dassl
+@pytest.mark.parametrize("where", ["the folder", "a parent"])
+def test_an_output_folder_that_is_a_file_is_one_message(workspace, tmp_path, monkeypatch, capsys, where):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    out = a_file if where == "the folder" else a_file / "base2new" / "seed1"
+    assert train_cli(monkeypatch, hicropl_argv(workspace, out)) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot create the output folder {out}: " in err and "Choose another OUTPUT / --output-dir" in err
+    assert a_file.read_text() == "not a folder"
+
+
+@requires_dassl
+def test_an_output_folder_that_is_not_writable_is_one_message(workspace, tmp_path, monkeypatch, capsys):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path / "ro") else
+                        real_access(path, mode))  # as root, chmod would not stop a write
+    (tmp_path / "ro").mkdir()
+    assert train_cli(monkeypatch, hicropl_argv(workspace, tmp_path / "ro")) == 2
+    assert f"error: the output folder {tmp_path / 'ro'} is not writable" in capsys.readouterr().err
+
+
+@requires_dassl
+def test_help_config_into_a_closed_pipe_is_quiet(monkeypatch):
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert train_cli(monkeypatch, ["--trainer", "HiCroPL", "--help-config"]) == 0
+
+
+INTERRUPT_AT_SECOND_EPOCH = """
+import os, runpy, signal, sys
+import trainers.checkpointed_trainer as base
+original = base.CheckpointedTrainer.before_epoch
+def before_epoch(self):
+    if self.epoch == 1:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+    original(self)
+base.CheckpointedTrainer.before_epoch = before_epoch
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@requires_dassl
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(workspace, tmp_path):
+    from helpers import run, train_command
+    cmd = train_command(workspace, tmp_path / "out", epochs=3)
+    proc = run([sys.executable, "-c", INTERRUPT_AT_SECOND_EPOCH] + cmd[1:], expect_ok=False)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"Interrupted during epoch 2/3 in {tmp_path / 'out'}: epoch 1 is saved; rerunning the same command resumes "
+        f"after epoch 1")
+
+
+@requires_dassl
+def test_a_corrupt_test_image_stops_the_run_before_training(tmp_path):
+    from conftest import write_workspace
+    from helpers import in_process_trainer
+    from trainers.checked_images import BrokenImageError
+    root = write_workspace(tmp_path / "ws", {"Caltech101": (4, (2, 1, 1))})
+    split = json.loads(next((root / "data").rglob("split_zhou_Caltech101.json")).read_text())
+    broken = next((root / "data").rglob(split["test"][0][0]))  # a base class's
+    broken.write_bytes(b"\x00" * 100)
+    with pytest.raises(BrokenImageError) as refused:
+        in_process_trainer(root, tmp_path, "DATASET.NUM_SHOTS", "2")
+    assert f"1 image file(s) cannot be read: {broken} (UnidentifiedImageError" in str(refused.value)

@@ -293,6 +293,8 @@ def main(argv=None, env=None, last_job_here: bool = False) -> int:
         except UserError as err:  # a finished run made with other options
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C reached train.py too, which said where it stopped
+            return 130
         if code != 0:
             return code
     return 0
