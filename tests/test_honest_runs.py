@@ -64,7 +64,7 @@ def finished_run(workspace, tmp_path_factory):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = tmp / "output/base2new/train_base/caltech101/shots_16/CoOp/vit_b16_ctxv1/seed1"
-    return folder, env, options
+    return folder, env, options, proc.stdout
 
 
 def run_main(env, *args):
@@ -74,7 +74,8 @@ def run_main(env, *args):
 
 @requires_dassl
 def test_a_run_records_what_produced_it(finished_run):
-    folder, _, _ = finished_run
+    folder, _, _, stdout = finished_run
+    assert "epoch 1/1 took " in stdout and " s; 0:00:00 left at the average epoch time (" in stdout  # item 6's ETA
     record = json.loads((folder / "run.json").read_text())
     assert record["config"]["OPTIM.MAX_EPOCH"] == 1 and record["config"]["TRAINER.NAME"] == "CoOp"
     assert record["config"]["DATASET.SUBSAMPLE_CLASSES"] == "base" and record["config"]["--eval-only"] is False
@@ -87,7 +88,7 @@ def test_a_run_records_what_produced_it(finished_run):
 
 @requires_dassl
 def test_a_finished_run_is_skipped_only_with_its_own_options(finished_run, capsys):
-    folder, env, options = finished_run
+    folder, env, options, _ = finished_run
     assert run_main(env, *COOP_ARGS, *options) == 0
     assert "made with these options: skipping" in capsys.readouterr().out
     # harmless keys may differ, and the output says they did
@@ -107,7 +108,7 @@ def test_a_finished_run_is_skipped_only_with_its_own_options(finished_run, capsy
 def test_an_unfinished_run_is_not_resumed_with_other_options(finished_run, tmp_path):
     """train.py itself (the entry of every resume) refuses before writing anything; --restart passes."""
     import train
-    folder, env, options = finished_run
+    folder, env, options, _ = finished_run
     unfinished = tmp_path / "seed1"
     unfinished.mkdir()
     (unfinished / "run.json").write_text((folder / "run.json").read_text())  # started, no epoch finished
@@ -300,3 +301,31 @@ def test_a_corrupt_test_image_stops_the_run_before_training(tmp_path):
     with pytest.raises(BrokenImageError) as refused:
         in_process_trainer(root, tmp_path, "DATASET.NUM_SHOTS", "2")
     assert f"1 image file(s) cannot be read: {broken} (UnidentifiedImageError" in str(refused.value)
+
+
+# ---- item 6: the newcomer's path ---------------------------------------------------------------
+@requires_dassl
+def test_a_recipe_that_does_not_fit_the_backbone_names_every_mismatch_and_the_recipe_that_fits():
+    import train
+    from dassl.engine import TRAINER_REGISTRY
+    from vlprompt.clip.loading import backbone_shape, load_clip
+    from vlprompt.errors import InvalidValue
+    toy = os.path.join(ROOT, "vlprompt", "toyworld", "toy_clip.pt")
+    args = train.build_parser().parse_args([
+        "--trainer", "HiCroPL", "--config-file", os.path.join(ROOT, "configs/trainers/HiCroPL/vit_b16_c2_ep50_batch32_16ctx.yaml"),
+        "--dataset-config-file", os.path.join(ROOT, "configs/datasets/toy_objects.yaml"), "MODEL.BACKBONE.PATH", toy])
+    cfg = train.setup_cfg(args)
+    trainer = TRAINER_REGISTRY.get("HiCroPL")
+    with pytest.raises(InvalidValue) as refused:
+        trainer.check_fit(cfg, trainer.settings_from(cfg), backbone_shape(load_clip("ViT-B/16", toy, None)))
+    message = str(refused.value)
+    assert message.startswith("INPUT.SIZE=(224, 224) does not match the backbone's input resolution 32: set INPUT.SIZE "
+                              "(32, 32); TRAINER.HICROPL.PROMPT_DEPTH=12 is invalid: ")
+    assert "The recipe does not fit this backbone; demo_toy and demo_tiny_clip fit it: CFG=demo_toy for the scripts" in message
+
+
+def test_the_eta_comes_from_the_average_epoch_time():
+    from trainers.checkpointed_trainer import epoch_eta
+    assert epoch_eta([300.0, 10.0, 20.0], epoch=2, max_epoch=10) == \
+        "epoch 3/10 took 20.0 s; 0:12:50 left at the average epoch time (110.0 s)"
+    assert epoch_eta([5.0], epoch=0, max_epoch=1) == "epoch 1/1 took 5.0 s; 0:00:00 left at the average epoch time (5.0 s)"
