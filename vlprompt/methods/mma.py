@@ -25,7 +25,7 @@ from ..clip.class_features import readable_name
 from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
 from .common import CONTEXT_LENGTH
-from .registry import ReleaseCheckpoint, register_method, without_data_parallel
+from .registry import ConfigLayout, ReleaseCheckpoint, register_method, without_data_parallel
 from .settings import BackboneShape, ConfigError, checked, option
 
 
@@ -176,7 +176,9 @@ RELEASE_CHECKPOINT = ReleaseCheckpoint(is_release_state_dict, convert_release_st
 
 register_method(
     "MMA", settings=MMASettings, model=MMA, checkpoint_folder="adapter_learner",  # the release's
-    node="MMADAPTER",
+    # MMA and the release's trainer name read the release's node, so its YAML files and command
+    # lines (TRAINER.MMADAPTER.ADAPTER_SCALE 0.001) work under either name
+    node="MMADAPTER", release_names={"MultiModalAdapter": ConfigLayout(node="MMADAPTER")},
     # the release's run_examples.sh: vit_b16_ep5 for ten datasets, vit_b16_ep5_imnet (batch 128) for ImageNet
     default_configs={"base2new": "vit_b16_ep5", "xd": "vit_b16_ep5_imnet"},
     release_checkpoint=RELEASE_CHECKPOINT,
