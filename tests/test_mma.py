@@ -179,7 +179,7 @@ def test_trainable_state_is_the_adapters_under_the_release_names(tiny_clip):
     (dict(adapter_start=3, adapter_end=2), "ADAPTER_END", r"must be in \[ADAPTER_START=3, 3\]"),
     (dict(adapter_start=0), "ADAPTER_START", r"must be in \[1, inf\]"),
     (dict(adapter_dim=128), "ADAPTER_DIM", r"must differ from the towers' widths"),
-    (dict(adapter_scale=0.0), "ADAPTER_SCALE", r"must be nonzero"),
+    (dict(adapter_scale=0.0), "ADAPTER_SCALE", r"must be in \[1e-06, 10\]"),
 ])
 def test_bad_settings_name_the_setting(tiny_clip, overrides, key, allowed):
     with pytest.raises(ConfigError, match=rf"^{key}=.* is invalid: {allowed}"):

@@ -37,7 +37,9 @@ class MMASettings:
     adapter_start: int = option(4, "first layer (1-based) whose output gets an adapter, in both towers", low=1)
     adapter_end: int = option(12, "last layer (1-based, inclusive) whose output gets an adapter", low=1)
     adapter_dim: int = option(32, "width of the adapters' bottleneck (and of the shared layer)", low=1)
-    adapter_scale: float = option(0.1, "factor s of every adapter's output (its gradients are divided by s)")
+    # s > 0 (gradients are divided by it); at most 10, a thousand times the largest recipe value
+    adapter_scale: float = option(0.1, "factor s of every adapter's output (its gradients are divided by s)",
+                                  low=1e-6, high=10.0)
 
     def validate(self, shape: BackboneShape) -> None:
         # The release also allows ADAPTER_START 0: adapters on the token embeddings (text, before the
@@ -50,8 +52,6 @@ class MMASettings:
             # the release then builds a one-layer adapter without down/up, which its forward cannot run
             raise ConfigError("adapter_dim", self.adapter_dim,
                               f"must differ from the towers' widths ({shape.text_width}, {shape.vision_width})")
-        if self.adapter_scale == 0:
-            raise ConfigError("adapter_scale", self.adapter_scale, "must be nonzero (gradients are divided by it)")
 
 
 class _ScaleGradient(torch.autograd.Function):
