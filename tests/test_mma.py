@@ -256,16 +256,35 @@ def test_scripts_train_on_base_and_test_on_new(mma_run):
         f"{tower}.{layer}" for tower in ("shared_adapter", "text_adapter", "visual_adapter") for layer in (2, 3)]
 
 
+def write_release_style_checkpoint(path, state_dict, epoch):
+    """What the release's Dassl save_model writes for MMA (fixture: checkpoint_fp32's top-level keys):
+    the adapter_learner state dict, epoch, SGD's state, the cosine scheduler's state_dict (plain
+    values: MMA's recipes have no warm-up, whose scheduler Dassl would pickle) and val_result."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0015)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(epoch))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {"state_dict": state_dict, "epoch": epoch, "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict(), "val_result": None}
+    layout = FIXTURE["cases"]["ep5_layers1to3"]["checkpoint_fp32"]["adapter_learner"]
+    assert list(checkpoint) == layout["top_level_keys"] and layout["weights_only_error"] == ""
+    assert {k: type(v).__name__ for k, v in checkpoint["scheduler"].items()} == layout["scheduler_state"]
+    torch.save(checkpoint, path)
+    (path.parent / "checkpoint").write_text(f"{path.name}\n")
+
+
 @requires_dassl
 def test_release_checkpoint_evaluates_as_our_own(mma_run, workspace, tmp_path):
     """Our last checkpoint written as the release's save_model writes it (its adapter_learner with
-    the class-bound buffers, fp16 adapters as its amp/fp16 runs... here fp32, Dassl's scheduler)
-    evaluates through train.py --model-dir like ours; pickled files only once trusted."""
+    the class-bound buffers, fp16 adapters as its fp16 runs save them) evaluates through train.py
+    --model-dir like ours; one holding a pickled object only once trusted."""
     _, options, _, _, run_dir = mma_run
     ours = torch.load(run_dir / "adapter_learner" / "model.pth.tar-2", weights_only=True)["state_dict"]
-    release = {"token_embedding": torch.zeros(3, 77, 64), "tokenized_prompts": torch.zeros(3, 77, dtype=torch.long),
-               **ours}
-    write_release_checkpoint(tmp_path / "release" / "adapter_learner" / "model.pth.tar-2", release, 2)
+    release = {"token_embedding": torch.zeros(3, 77, 64, dtype=torch.half),
+               "tokenized_prompts": torch.zeros(3, 77, dtype=torch.long), **ours}
+    write_release_style_checkpoint(tmp_path / "release" / "adapter_learner" / "model.pth.tar-2", release, 2)
+    rounded = {**release, **{k: v.half() for k, v in ours.items()}}
+    write_release_style_checkpoint(tmp_path / "release16" / "adapter_learner" / "model.pth.tar-2", rounded, 2)
+    write_release_checkpoint(tmp_path / "pickled" / "adapter_learner" / "model.pth.tar-2", release, 2)
     new = ["DATASET.SUBSAMPLE_CLASSES", "new", "DATASET.NUM_SHOTS", "16", *options]
 
     def evaluate(model_dir, out, *extra):
@@ -273,13 +292,16 @@ def test_release_checkpoint_evaluates_as_our_own(mma_run, workspace, tmp_path):
                                   ["--model-dir", str(model_dir), "--load-epoch", "2", "--eval-only"]),
                    expect_ok=False)
 
-    refused = evaluate(tmp_path / "release", "refused")
-    assert refused.returncode != 0 and "TRUST_RELEASE_CHECKPOINT" in refused.stderr
-    converted = evaluate(tmp_path / "release", "converted", "MODEL.TRUST_RELEASE_CHECKPOINT", "True")
+    converted = evaluate(tmp_path / "release", "converted")
     assert converted.returncode == 0, converted.stderr[-2000:]
     assert "is a checkpoint of the official release: converting its key names" in converted.stdout
     direct = evaluate(run_dir, "direct")
     assert accuracies(converted.stdout) == accuracies(direct.stdout) and len(accuracies(direct.stdout)) == 1
+    assert evaluate(tmp_path / "release16", "fp16").returncode == 0
+    refused = evaluate(tmp_path / "pickled", "refused")
+    assert refused.returncode != 0 and "TRUST_RELEASE_CHECKPOINT" in refused.stderr
+    trusted = evaluate(tmp_path / "pickled", "trusted", "MODEL.TRUST_RELEASE_CHECKPOINT", "True")
+    assert accuracies(trusted.stdout) == accuracies(direct.stdout)
 
 
 @requires_dassl
