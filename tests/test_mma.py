@@ -8,7 +8,7 @@ import torch
 
 from conftest import requires_dassl
 from helpers import (EPS32, LOGIT_TOL, accuracies, assert_batch_independent, fixture_clip, fixture_inputs,
-                     generator, images_for, load_fixture, loss_tol, method_command, release_state, run, run_script,
+                     generator, half_and_fp32_logits, half_tolerance, images_for, load_fixture, loss_tol, method_command, release_state, run, run_script,
                      script_env, tiny_options, train_losses, write_release_checkpoint)
 from vlprompt.clip.encoders import PromptedImageEncoder, PromptedTextEncoder, run_lockstep
 from vlprompt.files import load_strict
@@ -195,6 +195,28 @@ def test_a_short_training_run_lowers_the_loss(tiny_clip):
     images = images_for(model, batch=10)
     losses = train_losses(model, images, torch.arange(10) % len(CLASSES), steps=15, lr=1e-2)
     assert losses[-1] < 0.7 * losses[0] and losses[-1] < math.log(len(CLASSES)), losses
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_agree_with_fp32(tiny_clip, dtype):
+    """Frozen CLIP in fp16/bf16 with fp32 adapters (their input cast up, their output down)."""
+    def build(clip_model):
+        torch.manual_seed(0)
+        return MMA(clip_model, MMASettings(**TINY), CLASSES)
+
+    got, expected, scale = half_and_fp32_logits(build, tiny_clip, dtype)
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() < half_tolerance(dtype, scale)
+
+
+def test_amp_trains_the_fp32_adapters(tiny_clip):
+    torch.manual_seed(0)
+    model = MMA(tiny_clip, MMASettings(**TINY), CLASSES).train()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model.loss(images_for(model, batch=3), torch.tensor([0, 1, 2])).loss
+    loss.backward()
+    assert all(p.dtype == torch.float32 and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0
+               for p in model.prompt_learner.parameters())
 
 
 def test_training_changes_only_the_adapters(tiny_clip):

@@ -112,6 +112,7 @@ class MMA(PromptedCLIPClassifier):
         # Exact shortcuts stay on: with no prompt there is no shared prefix, and the adapters act
         # per token, so cutting the sequences at the last EOT changes nothing.
         super().__init__(clip_model, 0, "", classnames, frozen_text_features)
+        self.prompt_prefix = settings.text_ctx_init  # what the run's log shows before the class names
         self.prompt_learner = MultiModalAdapters(settings, shape.text_width, shape.text_layers,
                                                  shape.vision_width, shape.vision_layers)
 
