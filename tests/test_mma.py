@@ -8,8 +8,9 @@ import torch
 
 from conftest import requires_dassl
 from helpers import (EPS32, LOGIT_TOL, accuracies, assert_batch_independent, fixture_clip, fixture_inputs,
-                     generator, half_and_fp32_logits, half_tolerance, images_for, load_fixture, loss_tol, method_command, release_state, run, run_script,
-                     script_env, tiny_options, train_losses, write_release_checkpoint)
+                     generator, half_and_fp32_logits, half_tolerance, images_for, load_fixture, loss_tol,
+                     method_command, release_state, run, run_script, script_env, tiny_options, train_losses,
+                     write_release_checkpoint)
 from vlprompt.clip.encoders import PromptedImageEncoder, PromptedTextEncoder, run_lockstep
 from vlprompt.files import load_strict
 from vlprompt.methods.mma import MMA, MMASettings, MultiModalAdapters, convert_release_state_dict, \
@@ -370,6 +371,9 @@ def test_release_script_names_take_the_release_arguments(workspace, tmp_path):
                        options=options, expect_ok=False)
     assert wrong.returncode == 2 and "LOADEP=3: base2new_test evaluates the last epoch of CFG=vit_b16_ep5 (5)" \
         in wrong.stderr
+    unknown = run_script(workspace, env, "mmadapter/base2new_test.sh", "caltech101", "1", "nocfg", "5",
+                         options=options, expect_ok=False)
+    assert unknown.returncode == 2 and unknown.stderr.startswith("CFG=nocfg: no ") and "Traceback" not in unknown.stderr
     tested = run_script(workspace, env, "mmadapter/base2new_test.sh", "caltech101", "1", "vit_b16_ep5", "5",
                         options=options)
     assert len(accuracies(tested.stdout)) == 1

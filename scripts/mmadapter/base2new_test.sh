@@ -7,7 +7,15 @@ source "$(dirname "$0")/release_args.sh"
 if release_cfg 3 "$@"; then
     if [ $# -ge 4 ] && ! is_option_key "$4"; then
         # the last epoch is what base2new_test loads: say so rather than load another one silently
-        last=$(PYTHONPATH="$REPO" python -c "import sys; from vlprompt.run import config_max_epoch, resolve_config, get_method; print(config_max_epoch(resolve_config(get_method('MMA'), 'base2new', '', sys.argv[1])[1]))" "$CFG") || exit 2
+        last=$(PYTHONPATH="$REPO" python - "$CFG" <<'PY'
+import sys
+from vlprompt import run
+try:  # the recipe's last epoch; an unknown CFG is one line on stderr, as python -m vlprompt.run says it
+    print(run.config_max_epoch(run.resolve_config(run.get_method("MMA"), "base2new", "", sys.argv[1])[1]))
+except run.UsageError as err:
+    sys.exit(str(err))
+PY
+) || exit 2
         if [ "$4" != "$last" ]; then
             echo "LOADEP=$4: base2new_test evaluates the last epoch of CFG=$CFG ($last); pass $last or leave it out" >&2
             exit 2

@@ -37,7 +37,7 @@ class MMASettings:
     adapter_start: int = option(4, "first layer (1-based) whose output gets an adapter, in both towers", low=1)
     adapter_end: int = option(12, "last layer (1-based, inclusive) whose output gets an adapter", low=1)
     adapter_dim: int = option(32, "width of the adapters' bottleneck (and of the shared layer)", low=1)
-    # s > 0 (gradients are divided by it); at most 10, a thousand times the largest recipe value
+    # s > 0 (gradients are divided by it); at most 10, a hundred times the release's default (recipes: 0.001)
     adapter_scale: float = option(0.1, "factor s of every adapter's output (its gradients are divided by s)",
                                   low=1e-6, high=10.0)
 
