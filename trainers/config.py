@@ -41,6 +41,9 @@ def extend_cfg(cfg: CN) -> CN:
     cfg.DATASET.DESCRIPTIONS_FILE = ""
     # True: no descriptions file is an error (the paper's setting guaranteed), not the templates
     cfg.DATASET.REQUIRE_DESCRIPTIONS = False
+    # Few-shot runs: a class with fewer training images than NUM_SHOTS is refused (the run would be
+    # labelled with shots it did not use); True trains on the images there are and says how many.
+    cfg.DATASET.ALLOW_FEWER_SHOTS = False
     # RAF-DB's labels: "raf" (its own order) or "fer" (FER-2013's, for cross-dataset tests)
     cfg.DATASET.RAF_LABEL_ORDER = "raf"
 
