@@ -9,7 +9,7 @@ if release_cfg 3 "$@"; then
         # the last epoch is what base2new_test loads: say so rather than load another one silently
         last=$(PYTHONPATH="$REPO" python - "$CFG" <<'PY'
 import sys
-from vlprompt import run
+from vlprompt.experiments import run
 try:  # the recipe's last epoch; an unknown CFG is one line on stderr, as python -m vlprompt.run says it
     print(run.config_max_epoch(run.resolve_config(run.get_method("MMA"), "base2new", "", sys.argv[1])[1]))
 except run.UsageError as err:
