@@ -33,10 +33,13 @@ class ClassTexts:
     """Where a method's frozen class text features come from: prompt `templates` ("{}" is the
     class name), or the dataset's class descriptions when `descriptions` is set and a
     descriptions file exists (the templates otherwise). `normalize_each` False averages the
-    texts' raw features before normalising (PromptSRC's recipe) instead of their normalised ones."""
+    texts' raw features before normalising (PromptSRC's recipe) instead of their normalised ones;
+    `keep_each` True keeps every text's normalised feature ([C, T, E], CoPrompt's: it picks one
+    text per step) instead of their mean."""
     templates: Tuple[str, ...]
     descriptions: bool = False
     normalize_each: bool = True
+    keep_each: bool = False
 
 
 @dataclass(frozen=True)
