@@ -195,13 +195,13 @@ def print_config_help(trainer_name: str) -> None:
         spec = get_method(trainer_name)
     except KeyError as err:
         raise InvalidValue(f"--trainer {trainer_name!r}: {err.args[0]}") from err
-    for name, node, overrides in spec.trainer_names():
+    for name, layout in spec.trainer_names():
         if name == trainer_name:
             print(f"{name} ({spec.doc or 'docs/'}):")
-            for line in describe(spec.settings, lambda field: f"TRAINER.{node}.{field.upper()}", overrides):
+            for line in describe(spec.settings, lambda field: f"TRAINER.{layout.path(field)}", layout.overrides):
                 print(f"  {line}")
             if issubclass(TRAINER_REGISTRY.get(name), ClipPromptTrainer):
-                print(f"  TRAINER.{node}.PREC = 'fp16': fp32, fp16, bf16 (native on the GPU) or amp")
+                print(f"  TRAINER.{layout.path('prec')} = 'fp16': fp32, fp16, bf16 (native on the GPU) or amp")
 
 
 def build_parser():

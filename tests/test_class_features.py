@@ -49,6 +49,13 @@ def test_templates_are_used_without_a_descriptions_file(tiny_clip, tmp_path, cap
     assert "prompt templates" in caplog.text and "DATASET.REQUIRE_DESCRIPTIONS True" in caplog.text
 
 
+def test_a_method_that_uses_templates_gets_no_missing_descriptions_warning(tiny_clip, caplog):
+    """PromptSRC, KgCoOp, zero-shot CLIP: templates are their recipe, so nothing is missing."""
+    caplog.set_level("INFO", logger="vlprompt")
+    cf.frozen_class_features(PromptedTextEncoder(tiny_clip), CLASSES, None, templates=("a photo of a {}.",))
+    assert "NO CLASS DESCRIPTIONS" not in caplog.text and "from 1 prompt templates" in caplog.text
+
+
 def test_missing_class_in_descriptions_names_file_and_class(tiny_clip, tmp_path):
     path = write_json(tmp_path / "d.json", {"golden retriever": ["a dog."]})
     with pytest.raises(cf.DescriptionsError, match=r"d\.json.*'tabby cat'"):

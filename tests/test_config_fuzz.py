@@ -15,7 +15,7 @@ def trainers():
     """Every registered method's trainers (release names included); every key of each one's
     generated node is fuzzed (the settings' fields, and PREC)."""
     from vlprompt.methods.registry import methods
-    return sorted(name for spec in methods() for name, _, _ in spec.trainer_names())
+    return sorted(name for spec in methods() for name, _ in spec.trainer_names())
 
 
 DATASET_KEYS = ["DATASET.NUM_SHOTS", "DATASET.SUBSAMPLE_CLASSES", "DATASET.NAME", "DATASET.DESCRIPTIONS_FILE",
@@ -73,13 +73,27 @@ def base_command(trainer, root):
                                               for v in (f"TRAINER.{node}.{key}", "2")]
     return ["--trainer", trainer, "--dataset-config-file", os.path.join(ROOT, "configs/datasets/caltech101.yaml"),
             "--config-file", config, "MODEL.BACKBONE.PATH", str(root / "tiny_clip.pt"), "INPUT.SIZE", "(32, 32)",
-            "DATALOADER.TEST.BATCH_SIZE", "4", "DATALOADER.TRAIN_X.BATCH_SIZE", "4", f"TRAINER.{node}.PREC", "fp32",
+            "DATALOADER.TEST.BATCH_SIZE", "4", "DATALOADER.TRAIN_X.BATCH_SIZE", "4", f"TRAINER.{layout_of(trainer).path('prec')}", "fp32",
             *depths]
 
 
 def node_of(trainer):
+    return layout_of(trainer).node
+
+
+def layout_of(trainer):
     from vlprompt.methods.registry import get_method
-    return next(node for name, node, _ in get_method(trainer).trainer_names() if name == trainer)
+    return next(layout for name, layout in get_method(trainer).trainer_names() if name == trainer)
+
+
+def trainer_keys(trainer):
+    """The full keys a trainer reads: its node's, and those its layout puts elsewhere."""
+    from dataclasses import fields
+    from vlprompt.methods.registry import get_method
+    layout, spec = layout_of(trainer), get_method(trainer)
+    prec = [f"TRAINER.{layout.path('prec')}"] if layout.path("prec").split(".")[-1] in default_of(
+        "TRAINER." + layout.path("prec").rpartition(".")[0]) else []  # EdgeCNN has no PREC
+    return [f"TRAINER.{layout.path(f.name)}" for f in fields(spec.settings)] + prec
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +130,7 @@ def check(trainer_name, fuzz_root, perturbed):
 
 @pytest.mark.parametrize("trainer_name", trainers())
 def test_fuzzed_config_gives_a_valid_run_or_a_clear_error(trainer_name, fuzz_root):
-    node = node_of(trainer_name)
-    keys = [f"TRAINER.{node}.{key}" for key in default_of(f"TRAINER.{node}")] + DATASET_KEYS
+    keys = trainer_keys(trainer_name) + DATASET_KEYS
 
     @settings(max_examples=20, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))

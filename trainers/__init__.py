@@ -9,9 +9,9 @@ from .clip_prompt import make_trainer
 
 
 def _register_trainers(spec: MethodSpec) -> None:
-    for name, node, _ in spec.trainer_names():
+    for name, layout in spec.trainer_names():
         if name not in TRAINER_REGISTRY.registered_names():
-            TRAINER_REGISTRY.register(make_trainer(spec, name, node))
+            TRAINER_REGISTRY.register(make_trainer(spec, name, layout))
 
 
 on_register(_register_trainers)  # methods registered later (plugins) get their trainer too

@@ -28,7 +28,7 @@ from vlprompt.clip.loading import architecture_shape, backbone_shape, cast_clip,
 from vlprompt.errors import InvalidValue, UserError
 from vlprompt.files import cache_root, load_strict, read_checkpoint, tensors_fingerprint
 from vlprompt.methods import settings as method_settings
-from vlprompt.methods.registry import MethodSpec
+from vlprompt.methods.registry import ConfigLayout, MethodSpec, lookup
 
 from .checkpointed_trainer import CheckpointedTrainer
 from .schedule import build_lr_scheduler
@@ -72,20 +72,26 @@ class ClipPromptTrainer(CheckpointedTrainer):
     """Dassl TrainerX for a prompt model over frozen CLIP; `make_trainer` sets the class fields."""
 
     spec: MethodSpec = None
-    node = ""  # config node under TRAINER, e.g. "HICROPL"
+    layout: ConfigLayout = None  # where its settings are under TRAINER, e.g. node "HICROPL"
 
     # ---- config ----------------------------------------------------------------------------
     @classmethod
     def key(cls, setting: str) -> str:
-        return f"TRAINER.{cls.node}.{setting.upper()}"
+        """The full config key of a settings field (or "prec"), e.g. TRAINER.COOP.W."""
+        return f"TRAINER.{cls.layout.path(setting)}"
 
     @classmethod
     def settings_from(cls, cfg):
-        """The method's settings from TRAINER.<NODE>; an invalid one stops the run naming its key."""
+        """The method's settings from its config layout; an invalid one stops the run naming its key."""
         try:
-            return method_settings.from_values(cls.spec.settings, dict(cfg.TRAINER[cls.node]))
+            values = cls.layout.read(cfg.TRAINER, cls.spec.settings, cfg.DATASET.NAME)
+            return method_settings.checked_values(cls.spec.settings, values)
         except method_settings.ConfigError as err:
             raise InvalidValue(err.key_message(cls.key)) from err
+
+    @classmethod
+    def precision_of(cls, cfg) -> str:
+        return lookup(cfg.TRAINER, cls.layout.path("prec"))
 
     @classmethod
     def validate_for(cls, settings, shape) -> None:
@@ -96,13 +102,13 @@ class ClipPromptTrainer(CheckpointedTrainer):
 
     @property
     def precision(self) -> str:
-        return self.cfg.TRAINER[self.node].PREC
+        return self.precision_of(self.cfg)
 
     @classmethod
     def check_cfg(cls, cfg):
         """Everything checkable without weights or data, before either is loaded."""
         super().check_cfg(cfg)
-        check_precision(cfg.TRAINER[cls.node].PREC, cls.key("prec"), on_cuda=cfg.USE_CUDA and torch.cuda.is_available())
+        check_precision(cls.precision_of(cfg), cls.key("prec"), on_cuda=cfg.USE_CUDA and torch.cuda.is_available())
         settings = cls.settings_from(cfg)
         if cfg.DATALOADER.K_TRANSFORMS > 1 and not getattr(cls.spec.model, "takes_views", False):
             raise InvalidValue(f"DATALOADER.K_TRANSFORMS={cfg.DATALOADER.K_TRANSFORMS} is invalid for "
@@ -294,8 +300,8 @@ class ClipPromptTrainer(CheckpointedTrainer):
         return self.model(images, frozen_image_features=frozen)
 
 
-def make_trainer(spec: MethodSpec, name: str, node: str) -> type:
-    """The Dassl trainer class `name` of a method, reading TRAINER.<node>."""
+def make_trainer(spec: MethodSpec, name: str, layout: ConfigLayout) -> type:
+    """The Dassl trainer class `name` of a method, reading its settings where `layout` says."""
     return type(name, (ClipPromptTrainer,), {
-        "spec": spec, "node": node, "__module__": __name__,
-        "__doc__": f"Dassl trainer of {spec.name} (TRAINER.{node}.*), made from its descriptor."})
+        "spec": spec, "layout": layout, "__module__": __name__,
+        "__doc__": f"Dassl trainer of {spec.name} (TRAINER.{layout.node}.*), made from its descriptor."})

@@ -1,9 +1,10 @@
 """Config keys this toolkit adds to Dassl's defaults (yacs): its own, and one node per method."""
+from dataclasses import fields
+
 from dassl.engine import TRAINER_REGISTRY
 from yacs.config import CfgNode as CN
 
-from vlprompt.methods.registry import methods
-from vlprompt.methods.settings import defaults
+from vlprompt.methods.registry import methods, shared_defaults
 
 from .clip_prompt import ClipPromptTrainer
 
@@ -49,10 +50,30 @@ def extend_cfg(cfg: CN) -> CN:
 
     # TRAINER.<NODE>.*: one node per registered method (and per release name of it), generated from
     # its settings dataclass, which holds the defaults and their help (python train.py --trainer X
-    # --help-config lists them); prompt methods over CLIP also have PREC.
-    for spec in methods():
-        for name, node, overrides in spec.trainer_names():
-            cfg.TRAINER[node] = CN(defaults(spec.settings, overrides))
-            if issubclass(TRAINER_REGISTRY.get(name), ClipPromptTrainer):
-                cfg.TRAINER[node].PREC = "fp16"  # fp32 | fp16 | bf16 | amp
+    # --help-config lists them); prompt methods over CLIP also have PREC. Where a release reads
+    # another method's node or keys outside its own (its ConfigLayout), they are added there.
+    for path, value in shared_defaults(config_claims()).items():
+        set_key(cfg.TRAINER, path, value)
     return cfg
+
+
+def config_claims() -> dict:
+    """{path under TRAINER: [(default, has a legacy converter)]} over every registered trainer."""
+    claims = {}
+    for spec in methods():
+        for name, layout in spec.trainer_names():
+            for setting in fields(spec.settings):
+                claims.setdefault(layout.path(setting.name), []).append(
+                    (layout.default(setting.name, spec.settings), setting.name in layout.legacy))
+            if issubclass(TRAINER_REGISTRY.get(name), ClipPromptTrainer):
+                claims.setdefault(layout.path("prec"), []).append(("fp16", False))  # fp32 | fp16 | bf16 | amp
+    return claims
+
+
+def set_key(node: CN, path: str, value) -> None:
+    *parents, key = path.split(".")
+    for part in parents:
+        if part not in node:
+            node[part] = CN()
+        node = node[part]
+    node[key] = value

@@ -164,12 +164,14 @@ def frozen_class_features(text_encoder: PromptedTextEncoder, classnames: Sequenc
         texts = texts_per_class(classnames, load_descriptions(descriptions_path), source=descriptions_path)
         store.report(f"frozen class text features from descriptions in {descriptions_path} "
                      f"({sum(map(len, texts))} texts)")
-    else:
+    elif descriptions_path:
         texts = texts_per_class(classnames, None, templates)
-        reason = f"{descriptions_path} not found" if descriptions_path else "no descriptions file set"
         # prominent: the frozen features, and so the results, differ from the paper's setting
-        store.report(f"WARNING: NO CLASS DESCRIPTIONS ({reason}): the frozen class text features come from "
-                     f"{len(templates)} prompt templates instead, which changes the results. Point "
-                     f"DATASET.DESCRIPTIONS_DIR at the release's gpt_file/ folder, or set "
+        store.report(f"WARNING: NO CLASS DESCRIPTIONS ({descriptions_path} not found): the frozen class text "
+                     f"features come from {len(templates)} prompt templates instead, which changes the results. "
+                     f"Point DATASET.DESCRIPTIONS_DIR at the release's gpt_file/ folder, or set "
                      f"DATASET.REQUIRE_DESCRIPTIONS True to make this an error.")
+    else:  # the method's own recipe uses templates: nothing is missing
+        texts = texts_per_class(classnames, None, templates)
+        store.report(f"frozen class text features from {len(templates)} prompt templates")
     return store.features(text_encoder, classnames, texts, chunk, normalize_each, keep_each)

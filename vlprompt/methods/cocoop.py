@@ -65,7 +65,7 @@ class CoCoOp(PromptedCLIPClassifier):
                  frozen_text_features: Optional[Tensor] = None):
         checked(settings, backbone_shape(clip_model))
         n_ctx = context_length(settings.n_ctx, settings.ctx_init)
-        super().__init__(clip_model, n_ctx, settings.ctx_init, classnames)
+        super().__init__(clip_model, n_ctx, settings.ctx_init, classnames, frozen_text_features)
         self.settings = settings
         # meta_net reads the image features: CLIP's joint embedding width (512 for ViT-B/16)
         self.prompt_learner = CoCoOpPromptLearner(n_ctx, self.text_encoder.width, clip_model.visual.output_dim,

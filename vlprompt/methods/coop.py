@@ -110,7 +110,7 @@ class CoOp(PromptedCLIPClassifier):
         checked(settings, backbone_shape(clip_model))
         self.settings = settings
         n_ctx = context_length(settings.n_ctx, settings.ctx_init)
-        super().__init__(clip_model, n_ctx, settings.ctx_init, classnames)
+        super().__init__(clip_model, n_ctx, settings.ctx_init, classnames, frozen_text_features)
         class_specific = settings.csc and not settings.ctx_init
         self.prompt_learner = CoOpPromptLearner(n_ctx, self.text_encoder.width,
                                                 len(classnames) if class_specific else None, self.first_context)

@@ -130,7 +130,7 @@ class DCP(PromptedCLIPClassifier):
     def __init__(self, clip_model: nn.Module, settings: DCPSettings, classnames: Sequence[str],
                  frozen_text_features: Optional[Tensor] = None):
         checked(settings, backbone_shape(clip_model))
-        super().__init__(clip_model, settings.n_ctx, settings.ctx_init, classnames)
+        super().__init__(clip_model, settings.n_ctx, settings.ctx_init, classnames, frozen_text_features)
         self.settings = settings
         self.prompt_learner = DCPPromptLearner(settings, self.text_encoder.width, self.image_encoder.width,
                                                self.first_context)

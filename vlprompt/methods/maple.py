@@ -85,7 +85,7 @@ class MaPLe(PromptedCLIPClassifier):
     def __init__(self, clip_model: nn.Module, settings: MaPLeSettings, classnames: Sequence[str],
                  frozen_text_features: Optional[Tensor] = None):
         checked(settings, backbone_shape(clip_model))
-        super().__init__(clip_model, settings.n_ctx, settings.init_words, classnames)
+        super().__init__(clip_model, settings.n_ctx, settings.init_words, classnames, frozen_text_features)
         self.settings = settings
         self.prompt_learner = MaPLePromptLearner(settings.n_ctx, settings.prompt_depth, self.text_encoder.width,
                                                  self.image_encoder.width, self.first_context)

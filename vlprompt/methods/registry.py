@@ -18,7 +18,7 @@ import importlib.util
 import os
 import pkgutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from .settings import BackboneShape, closest
@@ -73,6 +73,71 @@ def entries_under(release_state: Dict[str, Any], prefix: str = "prompt_learner."
 
 
 @dataclass(frozen=True)
+class ConfigLayout:
+    """Where a trainer reads its settings in the config, under TRAINER: by default one node named
+    after the trainer holding one key per settings field (TRAINER.HICROPL.N_CTX). A release may
+    read another node (KgCoOp and TCP read CoOp's TRAINER.COOP), a mixed-case one
+    (TRAINER.CoPrompt), keys outside its node (CoPrompt's TRAINER.W), or legacy values (KgCoOp's
+    CTX_INIT: True for "the dataset's template"): saying so here lets the release's YAML files
+    and command lines run unchanged. Several trainers may share a node; see `shared_defaults`."""
+    node: str = ""  # node under TRAINER ("" = the trainer's name upper-cased)
+    keys: Mapping[str, str] = field(default_factory=dict)  # field -> path under TRAINER ("COOP.W", "W")
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # field -> default replacing the settings'
+    # field -> f(value, dataset name): a release's legacy value as ours (applied to set values only)
+    legacy: Mapping[str, Callable[[Any, str], Any]] = field(default_factory=dict)
+    prec: str = ""  # path of PREC under TRAINER ("" = <node>.PREC)
+
+    def named(self, trainer: str) -> "ConfigLayout":
+        """This layout with its node filled in for `trainer`."""
+        return self if self.node else ConfigLayout(trainer.upper(), self.keys, self.overrides, self.legacy, self.prec)
+
+    def path(self, setting: str) -> str:
+        """The path of a settings field (or "prec") under TRAINER, e.g. COOP.N_CTX."""
+        if setting == "prec":
+            return self.prec or f"{self.node}.PREC"
+        return self.keys.get(setting, f"{self.node}.{setting.upper()}")
+
+    def default(self, setting: str, settings_type: type) -> Any:
+        if setting in self.overrides:
+            return self.overrides[setting]
+        return next(f.default for f in fields(settings_type) if f.name == setting)
+
+    def read(self, trainer_node: Mapping[str, Any], settings_type: type, dataset: str = "") -> Dict[str, Any]:
+        """{field: value} from the config's TRAINER node: the overrides, then every key that is set
+        (None means "this trainer's default"), legacy values converted."""
+        values = dict(self.overrides)
+        for f in fields(settings_type):
+            value = lookup(trainer_node, self.path(f.name))
+            if value is None:
+                continue
+            values[f.name] = self.legacy[f.name](value, dataset) if f.name in self.legacy else value
+        return values
+
+
+def lookup(node: Mapping[str, Any], path: str, missing: Any = None) -> Any:
+    """node["A"]["B"] for path "A.B", or `missing`."""
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return missing
+        node = node[part]
+    return node
+
+
+def shared_defaults(claims: Mapping[str, List[Tuple[Any, bool]]]) -> Dict[str, Any]:
+    """The value of each config key from the trainers that read it ({path: [(default, has legacy
+    converter)]}): their common default, or None (every trainer then applies its own default)
+    where they disagree on the value or its type, or where a legacy converter must accept values
+    of another type (yacs lets a None key take any type and refuses a bool on a str key)."""
+    chosen = {}
+    for path, defaults_and_legacy in claims.items():
+        first = defaults_and_legacy[0][0]
+        agree = all(type(value) is type(first) and value == first and not legacy
+                    for value, legacy in defaults_and_legacy)
+        chosen[path] = first if agree else None
+    return chosen
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str  # trainer name (--trainer, TRAINER.NAME) and configs/trainers/<name>/
     settings: type  # dataclass of hyper-parameters (settings.option fields)
@@ -80,8 +145,10 @@ class MethodSpec:
     model: Optional[Callable[..., Any]] = None
     checkpoint_folder: str = "prompt_learner"  # folder of the checkpoints in a run's output
     default_configs: Mapping[str, str] = field(default_factory=dict)  # task -> config name or .yaml path
-    node: str = ""  # config node under TRAINER (default: the upper-cased name)
-    release_names: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # alias -> default overrides
+    node: str = ""  # config node under TRAINER (default: the upper-cased name); or a whole `layout`
+    layout: Optional[ConfigLayout] = None  # where its settings are in the config (default: node)
+    # release trainer name -> its ConfigLayout, or just the defaults that differ ({field: value})
+    release_names: Mapping[str, Any] = field(default_factory=dict)
     # (settings, Dassl dataset name) -> the texts of its frozen class features, or None
     class_texts: Optional[Callable[[Any, str], Optional[ClassTexts]]] = None
     release_checkpoint: Optional[ReleaseCheckpoint] = None
@@ -90,10 +157,6 @@ class MethodSpec:
     doc: str = ""  # docs/<file> describing the method
     # (settings, backbone shape) -> None, raising settings.ConfigError for a backbone it cannot use
     validate: Optional[Callable[[Any, BackboneShape], None]] = None
-
-    @property
-    def config_node(self) -> str:
-        return self.node or self.name.upper()
 
     @property
     def scripts_folder(self) -> str:
@@ -106,10 +169,12 @@ class MethodSpec:
             raise KeyError(f"{self.name} has no {task} task (its tasks: {', '.join(self.default_configs)})")
         return self.default_configs[family]
 
-    def trainer_names(self) -> List[Tuple[str, str, Mapping[str, Any]]]:
-        """(trainer name, config node, default overrides): the method and its release's names."""
-        own = [(self.name, self.config_node, {})]
-        return own + [(alias, alias.upper(), overrides) for alias, overrides in self.release_names.items()]
+    def trainer_names(self) -> List[Tuple[str, ConfigLayout]]:
+        """(trainer name, its config layout): the method's own name and its release's names."""
+        own = (self.layout or ConfigLayout(node=self.node)).named(self.name)
+        aliases = [(alias, (layout if isinstance(layout, ConfigLayout) else ConfigLayout(overrides=layout)).named(alias))
+                   for alias, layout in self.release_names.items()]
+        return [(self.name, own)] + aliases
 
 
 _METHODS: Dict[str, MethodSpec] = {}
@@ -126,8 +191,8 @@ def register_method(name: str, settings: type, **details) -> MethodSpec:
     unknown_tasks = set(spec.default_configs) - set(TASKS)
     if unknown_tasks:
         raise ValueError(f"{name}: default_configs for unknown task(s) {sorted(unknown_tasks)}; tasks: {TASKS}")
-    taken = {trainer for other in _METHODS.values() for trainer, _, _ in other.trainer_names()}
-    clash = taken & {trainer for trainer, _, _ in spec.trainer_names()}
+    taken = {trainer for other in _METHODS.values() for trainer, _ in other.trainer_names()}
+    clash = taken & {trainer for trainer, _ in spec.trainer_names()}
     if clash:
         raise ValueError(f"trainer name(s) {sorted(clash)} already registered")
     _METHODS[name] = spec
@@ -151,9 +216,9 @@ def methods() -> List[MethodSpec]:
 def get_method(name: str) -> MethodSpec:
     """The method registered under `name`, or one of its release's trainer names."""
     for spec in methods():
-        if name in [trainer for trainer, _, _ in spec.trainer_names()]:
+        if name in [trainer for trainer, _ in spec.trainer_names()]:
             return spec
-    known = sorted(trainer for spec in methods() for trainer, _, _ in spec.trainer_names())
+    known = sorted(trainer for spec in methods() for trainer, _ in spec.trainer_names())
     hint = closest(name, known)
     raise KeyError(f"no method {name!r}" + (f" (did you mean {' or '.join(hint)}?)" if hint else "")
                    + f"; registered: {', '.join(known)}")

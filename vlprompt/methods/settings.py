@@ -99,6 +99,13 @@ def from_values(settings_type: Type[Settings], values: Mapping[str, Any],
     return settings
 
 
+def checked_values(settings_type: Type[Settings], values: Mapping[str, Any]) -> Settings:
+    """Settings from {field: value} (the others at their defaults), checked with `check_static`."""
+    settings = settings_type(**values)
+    check_static(settings)
+    return settings
+
+
 def defaults(settings_type: Type, overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """{FIELD: default} in declaration order, with `overrides` ({field: value}) applied."""
     overrides = overrides or {}
