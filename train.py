@@ -20,7 +20,7 @@ from dassl.utils import collect_env_info, set_random_seed, setup_logger
 import datasets  # noqa: F401  registers the CoOp datasets
 import trainers  # noqa: F401  registers the trainers
 from trainers.clip_prompt import ClipPromptTrainer
-from trainers.config import extend_cfg
+from trainers.config import extend_cfg, per_dataset_options
 from vlprompt.errors import InvalidValue, report_user_errors
 from vlprompt.files import exclusive_folder
 from vlprompt.methods.registry import get_method
@@ -112,6 +112,8 @@ def setup_cfg(args):
     if args.config_file:
         merge_file(cfg, args.config_file, "--config-file")
     reset_cfg(cfg, args)
+    # a release's per-dataset values (CoPrompt's) replace the config file's; the command line wins
+    cfg.merge_from_list(per_dataset_options(cfg))
     try:
         cfg.merge_from_list(args.opts)
     except (AssertionError, ValueError, KeyError) as err:

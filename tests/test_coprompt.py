@@ -298,3 +298,144 @@ def test_bad_settings_name_the_setting(tiny_clip, overrides, key, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(key)}=") as err:
         build(tiny_clip, **overrides)
     assert message in str(err.value)
+
+
+# ---- settings and the release's config -------------------------------------------------------------
+def release_cfg(*opts, dataset_file=None):
+    """The config as train.py builds it for the release's command: its YAML, then the options."""
+    import argparse
+    import train
+    args = argparse.Namespace(
+        root="", output_dir="", resume="", seed=1, source_domains=None, target_domains=None, transforms=None,
+        trainer="CoPrompt", backbone="", head="", deterministic=False, opts=list(opts),
+        config_file=os.path.join(ROOT, "configs/trainers/CoPrompt/coprompt.yaml"),
+        dataset_config_file=dataset_file and os.path.join(ROOT, "configs/datasets", dataset_file))
+    return train.setup_cfg(args)
+
+
+@requires_dassl
+def test_the_releases_yaml_and_command_line_merge_into_its_node():
+    from trainers.clip_prompt import ClipPromptTrainer  # noqa: F401  registration
+    from dassl.engine import TRAINER_REGISTRY
+    cfg = release_cfg("TRAINER.W", "1.0", "TRAINER.DISTILL", "cosine")
+    trainer = TRAINER_REGISTRY.get("CoPrompt")
+    assert trainer.settings_from(cfg) == CoPromptSettings(n_ctx=2, ctx_init="a photo of a", prompt_depth=9, w=1.0)
+    assert trainer.precision_of(cfg) == "fp16" and cfg.DATALOADER.K_TRANSFORMS == 2
+    mse = release_cfg("TRAINER.W", "8.0", "TRAINER.DISTILL", "mse")
+    assert trainer.settings_from(mse).w == 8.0 and trainer.settings_from(mse).distill == "mse"
+    assert trainer.key("w") == "TRAINER.W" and trainer.key("n_ctx") == "TRAINER.CoPrompt.N_CTX"
+
+
+@requires_dassl
+def test_the_releases_per_dataset_values_replace_the_yaml_and_yield_to_the_command_line():
+    """Its train.py merges trainers/constants.py over everything; here the command line still wins."""
+    food = release_cfg(dataset_file="food101.yaml")
+    assert (food.TRAINER.CoPrompt.N_CTX, food.TRAINER.CoPrompt.PROMPT_DEPTH, food.TRAINER.W,
+            food.OPTIM.MAX_EPOCH) == (4, 9, 0.5, 5)
+    pets = release_cfg("TRAINER.W", "2.0", dataset_file="oxford_pets.yaml")
+    assert (pets.TRAINER.CoPrompt.N_CTX, pets.TRAINER.CoPrompt.PROMPT_DEPTH, pets.TRAINER.W) == (2, 12, 2.0)
+    assert pets.OPTIM.MAX_EPOCH == 8  # the YAML's: only Food101 changes it
+    variant = release_cfg(dataset_file="imagenet_sketch.yaml")  # not in the release's table: the YAML's
+    assert (variant.TRAINER.CoPrompt.N_CTX, variant.TRAINER.W) == (2, 1.0)
+
+
+@requires_dassl
+def test_other_methods_refuse_a_second_view(workspace, tmp_path):
+    cmd = method_command(workspace, "MaPLe", "vit_b16_c2_ep5_batch4_2ctx", tmp_path / "maple",
+                         ["MODEL.BACKBONE.PATH", "{clip}", "INPUT.SIZE", "(32, 32)", "DATALOADER.K_TRANSFORMS", "2"])
+    proc = run(cmd, expect_ok=False)
+    assert proc.returncode == 2
+    assert "DATALOADER.K_TRANSFORMS=2 is invalid for MaPLe: it trains on one view" in proc.stderr
+
+
+# ---- with Dassl: the release's commands and checkpoints --------------------------------------------
+# The release's recipe on the tiny CLIP: 32 px, 3 layers (the command line beats Caltech101's
+# per-dataset PROMPT_DEPTH 12), fp32, 2 epochs; K_TRANSFORMS 2 and randaugment as shipped.
+TINY = ["MODEL.BACKBONE.PATH", "{clip}", "INPUT.SIZE", "(32, 32)", "TRAINER.CoPrompt.PROMPT_DEPTH", "3",
+        "TRAINER.CoPrompt.PREC", "fp32", "OPTIM.MAX_EPOCH", "2", "DATALOADER.NUM_WORKERS", "0",
+        "DATALOADER.TEST.BATCH_SIZE", "5", "TRAINER.W", "1.0", "TRAINER.DISTILL", "cosine"]
+RUN = "base2new/train_base/caltech101/shots_16/CoPrompt/coprompt/seed1"
+
+
+@pytest.fixture(scope="module")
+def coprompt_run(workspace, tmp_path_factory):
+    output = tmp_path_factory.mktemp("coprompt_output")
+    env = script_env(workspace, output)
+    trained = run_script(workspace, env, "coprompt/base2new_train.sh", "caltech101", "1", options=TINY)
+    tested = run_script(workspace, env, "coprompt/base2new_test.sh", "caltech101", "1", options=TINY)
+    return trained, tested, output / RUN
+
+
+@requires_dassl
+def test_base2new_trains_on_two_views_and_tests_through_the_scripts(coprompt_run):
+    trained, tested, run_dir = coprompt_run
+    out = trained.stdout
+    # Caltech101's release values for N_CTX and W, the command line's depth, its W and DISTILL
+    assert "The release's values for Caltech101" in out and "TRAINER.CoPrompt.N_CTX 4" in out
+    assert "CoPrompt: CoPromptSettings(n_ctx=4, ctx_init='a photo of a', prompt_depth=3, w=1.0, distill='cosine'" in out
+    assert "K_TRANSFORMS: 2" in out and "randaugment" in out
+    assert re.search(r"loss_ce [\d.]+ \([\d.]+\)\s+loss_text [\d.]+ \([\d.]+\)\s+loss_image", out)
+    assert "Finish training" in out
+    folder = run_dir / "MultiModalPromptLearner"
+    state = torch.load(folder / "model.pth.tar-2", weights_only=True)["state_dict"]
+    assert sorted(state) == sorted(["ctx", "proj.weight", "proj.bias", "compound_prompts_text.0",
+                                    "compound_prompts_text.1", *(f"compound_prompt_projections.{k}.{p}"
+                                                                 for k in range(2) for p in ("weight", "bias")),
+                                    *(f"adapter_{t}.fc.{i}.weight" for t in ("image", "text") for i in (0, 2))])
+    assert "SUBSAMPLE_CLASSES: new" in tested.stdout and len(accuracies(tested.stdout)) == 1
+
+
+def release_checkpoint_state(ours, case):
+    """Our trained state written under the release's keys and dtypes (fp16 run: ctx, proj and the
+    adapters in fp16), with every other entry its save_model writes (frozen CLIP twice, token
+    buffers, logit_scale) as placeholders; key set from the fixture made by its own save path."""
+    layout = case["checkpoint_fp16"]["MultiModalPromptLearner"]["state_dict"]
+    state = {}
+    for key, shape, dtype in layout:
+        name = key if key.startswith("adapter_") else key[len("prompt_learner."):]
+        value = ours[name] if name in ours else torch.zeros(1)
+        state[key] = value.to(getattr(torch, dtype))
+    return state
+
+
+@requires_dassl
+def test_a_release_checkpoint_evaluates_as_our_own(coprompt_run, workspace, tmp_path):
+    _, tested, run_dir = coprompt_run
+    ours = torch.load(run_dir / "MultiModalPromptLearner" / "model.pth.tar-2", weights_only=True)["state_dict"]
+    case = load_fixture(FIXTURE)["cases"]["depth3_cosine"]
+    release = release_checkpoint_state(ours, case)
+    assert release["adapter_text.fc.0.weight"].dtype == torch.float16 and "model_distill.visual.proj" in release
+    write_release_checkpoint(tmp_path / "release" / "MultiModalPromptLearner" / "model.pth.tar-2", release, 2)
+    rounded = {k: release[k if k.startswith("adapter_") else f"prompt_learner.{k}"].float() for k in ours}
+    (tmp_path / "ours" / "MultiModalPromptLearner").mkdir(parents=True)
+    torch.save({"state_dict": rounded, "epoch": 2}, tmp_path / "ours" / "MultiModalPromptLearner" / "model.pth.tar-2")
+    options = [str(workspace / "tiny_clip.pt") if o == "{clip}" else o for o in TINY] + ["DATASET.SUBSAMPLE_CLASSES", "new"]
+    flags = ["--load-epoch", "2", "--eval-only"]
+
+    def evaluate(folder, *extra):
+        return run(method_command(workspace, "CoPrompt", "coprompt", tmp_path / f"eval_{folder}", [*options, *extra],
+                                  [*flags, "--model-dir", str(tmp_path / folder)]), expect_ok=False)
+    refused = evaluate("release")
+    assert refused.returncode == 2 and "MODEL.TRUST_RELEASE_CHECKPOINT" in refused.stderr
+    released = evaluate("release", "MODEL.TRUST_RELEASE_CHECKPOINT", "True")
+    assert released.returncode == 0, released.stderr[-2000:]
+    assert "checkpoint of the official release: converting its key names" in released.stdout
+    mine = evaluate("ours")
+    assert accuracies(released.stdout) == accuracies(mine.stdout) and len(accuracies(mine.stdout)) == 1
+
+
+@requires_dassl
+def test_randaugment_runs_on_current_numpy():
+    """Dassl's SolarizeAdd uses numpy's removed np.int; our data pipeline replaces it with the same
+    arithmetic (the release's recipe trains with randaugment)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    import trainers.checked_images  # noqa: F401  the replacement
+    from dassl.data.transforms import randaugment
+    pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5
+    out = np.array(randaugment.SolarizeAdd(Image.fromarray(pixels), 40, threshold=128))
+    expected = np.array(ImageOps.solarize(Image.fromarray(np.clip(pixels.astype(np.int64) + 40, 0, 255)
+                                                          .astype(np.uint8)), 128))
+    assert np.array_equal(out, expected)
+    assert randaugment.SolarizeAdd in [op for op, _, _ in randaugment.randaugment_list()]

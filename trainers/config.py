@@ -57,6 +57,17 @@ def extend_cfg(cfg: CN) -> CN:
     return cfg
 
 
+def per_dataset_options(cfg: CN) -> list:
+    """[KEY, VALUE, ...]: what the release of TRAINER.NAME sets for DATASET.NAME (its layout's
+    `per_dataset`; train.py merges it after the config files, before the command line)."""
+    for spec in methods():
+        for name, layout in spec.trainer_names():
+            if name == cfg.TRAINER.NAME:
+                values = layout.per_dataset.get(cfg.DATASET.NAME, {})
+                return [item for key, value in values.items() for item in (key, value)]
+    return []
+
+
 def config_claims() -> dict:
     """{path under TRAINER: [(default, has a legacy converter)]} over every registered trainer."""
     claims = {}

@@ -24,7 +24,7 @@ from .base import LossOutput, PromptedCLIPClassifier
 from .common import normalize
 from .maple import MaPLe, MaPLePromptLearner, MaPLeSettings
 from .maple import convert_release_state_dict as convert_maple_state_dict
-from .registry import ClassTexts, ReleaseCheckpoint, entries_under, keys_under, register_method
+from .registry import ClassTexts, ConfigLayout, ReleaseCheckpoint, entries_under, keys_under, register_method
 from .settings import checked, option
 
 DISTANCES = ("cosine", "mse")
@@ -166,8 +166,21 @@ def convert_release_state_dict(release_state: Dict[str, Tensor]) -> Dict[str, Te
     return ours
 
 
+# The release's train.py merges these after the command line (its trainers/constants.py,
+# get_dataset_specified_config); here they replace the config file's values and the command line wins.
+RELEASE_PER_DATASET = {
+    dataset: {"TRAINER.CoPrompt.PROMPT_DEPTH": depth, "TRAINER.CoPrompt.N_CTX": n_ctx, "TRAINER.W": w, **extra}
+    for dataset, (depth, n_ctx, w, extra) in {
+        "ImageNet": (12, 4, 8.0, {}), "Caltech101": (12, 4, 4.0, {}), "OxfordPets": (12, 2, 0.1, {}),
+        "StanfordCars": (12, 4, 4.0, {}), "OxfordFlowers": (9, 4, 8.0, {}),
+        "Food101": (9, 4, 0.5, {"OPTIM.MAX_EPOCH": 5}), "FGVCAircraft": (9, 4, 2.0, {}), "SUN397": (12, 4, 8.0, {}),
+        "DescribableTextures": (12, 2, 8.0, {}), "EuroSAT": (12, 2, 0.1, {}), "UCF101": (12, 4, 2.0, {}),
+    }.items()}
+
 register_method(
     "CoPrompt", settings=CoPromptSettings, model=CoPrompt, checkpoint_folder="MultiModalPromptLearner",  # the release's
+    # the release's mixed-case node TRAINER.CoPrompt, with its weight and distance at TRAINER.W, TRAINER.DISTILL
+    layout=ConfigLayout(node="CoPrompt", keys={"w": "W", "distill": "DISTILL"}, per_dataset=RELEASE_PER_DATASET),
     default_configs={"base2new": "coprompt", "xd": "coprompt", "fewshot": "coprompt"},
     class_texts=lambda settings, dataset: ClassTexts(GENERIC_TEMPLATES, descriptions=True, keep_each=True),
     release_checkpoint=ReleaseCheckpoint(keys_under("prompt_learner."), convert_release_state_dict),

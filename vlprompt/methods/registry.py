@@ -18,7 +18,7 @@ import importlib.util
 import os
 import pkgutil
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from .settings import BackboneShape, closest
@@ -86,10 +86,13 @@ class ConfigLayout:
     # field -> f(value, dataset name): a release's legacy value as ours (applied to set values only)
     legacy: Mapping[str, Callable[[Any, str], Any]] = field(default_factory=dict)
     prec: str = ""  # path of PREC under TRAINER ("" = <node>.PREC)
+    # Dassl dataset name -> {full config key: value} a release sets per dataset (CoPrompt's
+    # trainers/constants.py): merged over the config files, below the command line
+    per_dataset: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def named(self, trainer: str) -> "ConfigLayout":
         """This layout with its node filled in for `trainer`."""
-        return self if self.node else ConfigLayout(trainer.upper(), self.keys, self.overrides, self.legacy, self.prec)
+        return self if self.node else replace(self, node=trainer.upper())
 
     def path(self, setting: str) -> str:
         """The path of a settings field (or "prec") under TRAINER, e.g. COOP.N_CTX."""
