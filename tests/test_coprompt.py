@@ -171,7 +171,7 @@ def test_gradients_reach_exactly_the_release_trainables_with_its_values(release_
 
 def test_the_shipped_depth_on_a_shallow_clip_is_a_config_error_here(release_clip, description_features):
     case = load_fixture(FIXTURE)["cases"]["shipped_depth9"]
-    assert case["config"]["PROMPT_DEPTH"] == 9 and len(case["results"]["no_casts"]["grads"]["none"]) == 18
+    assert case["config"]["PROMPT_DEPTH"] == 9 and len(case["grads_none"]) == 18  # deep prompts 2..7 and maps
     with pytest.raises(ConfigError, match=r"PROMPT_DEPTH=9 is invalid: must be in \[1, 3\]"):
         CoPrompt(release_clip, CoPromptSettings(), ["apple"], description_features[:1])
 
