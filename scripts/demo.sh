@@ -5,7 +5,8 @@
 # Zero-shot CLIP, then each method trained on the 18 base classes of ToyObjects (16 shots, two
 # seeds) and tested on the 18 new ones; prints the Base/New/HM table.
 # usage: bash scripts/demo.sh [DEMO_DIR]     (default: demo_output)
-#        METHODS="CoOp HiCroPL" SEEDS="1" bash scripts/demo.sh   (any of: CoOp CoCoOp IVLP MaPLe PromptSRC DCP HiCroPL)
+#        METHODS="CoOp HiCroPL" SEEDS="1" bash scripts/demo.sh   (any registered prompt methods)
+#        METHODS=all bash scripts/demo.sh                          (every registered prompt method)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 DEMO=$(mkdir -p "${1:-demo_output}" && cd "${1:-demo_output}" && pwd)
@@ -18,6 +19,23 @@ DATASET=toy_objects
 TOY=(MODEL.BACKBONE.PATH "$REPO/vlprompt/toyworld/toy_clip.pt" DATASET.DESCRIPTIONS_DIR "$DATA/gpt_file")
 START=$SECONDS
 
+# "NAME SCRIPTS_FOLDER" per method to train (all: every registered prompt method that trains)
+LISTED=$(python - $METHODS <<'PY'
+import sys
+from vlprompt.methods.registry import get_method, prompt_methods
+names = sys.argv[1:]
+try:
+    specs = [m for m in prompt_methods() if m.trains] if names == ["all"] else [get_method(n) for n in names]
+except KeyError as err:
+    sys.exit(f"METHODS: {err.args[0]}")
+for spec in specs:
+    print(spec.name, spec.scripts_folder)
+PY
+) || { rmdir "$DEMO" 2>/dev/null; exit 2; }
+TRAINED=$(echo "$LISTED" | cut -d" " -f1 | tr "\n" " ")
+# the method whose seeds parse_test_res.py shows: HiCroPL when it ran, else the last one
+SHOWN=$(echo "$LISTED" | awk '$1 == "HiCroPL" {h = $1} {last = $1} END {print h ? h : last}')
+
 echo "== the toy world's ToyObjects dataset in $DATA (synthetic, 32x32 images, CoOp's layout)"
 [ -f "$DATA/toy_objects/split_zhou_ToyObjects.json" ] || python -m datasets.toy_world "$DATA" --dataset ToyObjects
 
@@ -25,7 +43,7 @@ echo "== the toy world's ToyObjects dataset in $DATA (synthetic, 32x32 images, C
 # keeps the whole output in $DEMO/last_run.txt and shows its end if the run fails.
 run() {
     local status=0
-    "$@" 2>&1 | tee "$DEMO/last_run.txt" \
+    "$@" < /dev/null 2>&1 | tee "$DEMO/last_run.txt" \
         | { grep --line-buffered -E '^epoch \[[0-9]+/[0-9]+\] batch \[([0-9]+)/\1\]' || true; } \
         | sed -u -E 's/^epoch \[([0-9]+\/[0-9]+)\].* loss ([0-9.]+) \(([0-9.]+)\).* acc ([0-9.]+) \(([0-9.]+)\).* eta ([0-9:]+).*/    epoch \1  loss \3  train acc \5%  eta \6/' \
         || status=$?
@@ -34,21 +52,21 @@ run() {
 
 echo "== ZeroshotCLIP: the toy CLIP with prompt templates, base and new classes"
 run bash scripts/zsclip/base2new.sh "$DATASET" "${TOY[@]}"
-for method in $METHODS; do
-    script=scripts/${method,,}
+while read -r method folder; do
+    script=scripts/$folder
     for seed in $SEEDS; do
         echo "== $method seed $seed: train on the base classes (5 epochs), then test on the new ones"
         run bash "$script/base2new_train.sh" "$DATASET" "$seed" "${TOY[@]}"
         run bash "$script/base2new_test.sh" "$DATASET" "$seed" "${TOY[@]}"
     done
-done
+done <<< "$LISTED"
 
-echo "== HiCroPL over the seeds (parse_test_res.py, as for CoOp/MaPLe/PromptSRC runs)"
-python parse_test_res.py "$OUTPUT/base2new/test_new/$DATASET/shots_16/HiCroPL/$CFG" --test-log | tail -n 3
-python parse_test_res.py "$OUTPUT/base2new" --base2new --trainer HiCroPL --cfg "$CFG" | grep -v "^Saved"
+echo "== $SHOWN over the seeds (parse_test_res.py, as for CoOp/MaPLe/PromptSRC runs)"
+python parse_test_res.py "$OUTPUT/base2new/test_new/$DATASET/shots_16/$SHOWN/$CFG" --test-log | tail -n 3
+python parse_test_res.py "$OUTPUT/base2new" --base2new --trainer "$SHOWN" --cfg "$CFG" | grep -v "^Saved"
 echo "== the comparison report (SYNTHETIC data: not comparable with published results)"
 python -m vlprompt.report --task base2new --output "$OUTPUT" --datasets "$DATASET" --seeds $SEEDS \
-    --method CLIP=ZeroshotCLIP/$CFG $(for m in $METHODS; do printf -- "--method %s/%s " "$m" "$CFG"; done) \
+    --method CLIP=ZeroshotCLIP/$CFG $(for m in $TRAINED; do printf -- "--method %s/%s " "$m" "$CFG"; done) \
     --out "$DEMO/report" 2>&1 | grep -v -e "^Saved" -e "^Mean ± std over seeds" -e "^note: SYNTHETIC"
 echo
 echo "Chance is 1/18 = 5.6% on each half. Took $((SECONDS - START)) s."

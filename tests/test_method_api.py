@@ -169,3 +169,39 @@ def test_a_shared_key_is_checked_and_named_by_its_real_path(tmp_path):
 def test_a_second_registration_under_a_taken_name_is_refused():
     with pytest.raises(ValueError, match=r"trainer name\(s\) \['ToyPrompt'\] already registered"):
         register_method("ToyPrompt", settings=ToyPromptSettings, model=ToyPrompt)
+
+
+def documented_example(monkeypatch):
+    """The worked example of docs/adding_a_method.md, run as written; its registration is recorded
+    here instead of changing this process's registry."""
+    import re
+    import vlprompt.methods.registry as registry
+    text = open(os.path.join(ROOT, "docs", "adding_a_method.md")).read()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "class AnchoredCoOp" in b)
+    registered = {}
+    monkeypatch.setattr(registry, "register_method", lambda name, **details: registered.update(name=name, **details))
+    namespace = {}
+    exec(compile(block, "docs/adding_a_method.md", "exec"), namespace)
+    return namespace, registered
+
+
+def test_the_documented_regulariser_example_works(monkeypatch, tiny_clip):
+    from vlprompt.methods.common import normalize
+    namespace, registered = documented_example(monkeypatch)
+    assert registered["name"] == "AnchoredCoOp" and registered["class_texts"](None, "Caltech101").templates
+    classes = ["dog", "cat", "violin"]
+    frozen = normalize(torch.randn(3, tiny_clip.text_projection.shape[1], generator=torch.Generator().manual_seed(0)))
+    settings = namespace["AnchoredCoOpSettings"](n_ctx=4, w=2.0)
+    torch.manual_seed(0)
+    model = registered["model"](tiny_clip, settings, classes, frozen)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    loss, logits, parts = model.loss(images, labels)
+    text = model.encode_classes().float()
+    expected_pull = 1 - torch.nn.functional.cosine_similarity(text, frozen, dim=-1).mean()
+    assert parts["pull"] == pytest.approx(expected_pull.item(), abs=1e-6) and logits.shape == (2, 3)
+    assert float(loss) == pytest.approx(parts["ce"] + 2.0 * parts["pull"], abs=1e-5)
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["prompt_learner.ctx"]
+    # frozen features equal to the learned ones: no pull
+    model.set_classes(classes, text.detach())
+    assert model.loss(images, labels).parts["pull"] == pytest.approx(0.0, abs=1e-6)

@@ -35,7 +35,7 @@ import numpy as np
 from . import layout
 from .errors import UserError
 from .files import OutputWriteError, atomic_write
-from .methods.registry import get_method
+from .methods.registry import PAPER_METHODS, get_method, prompt_methods
 from .results import TEST_END, TRAIN_END, harmonic_mean, read_run
 
 TASKS = ("base2new", "xd", "dg", "fewshot")
@@ -186,8 +186,34 @@ def _default_cfg(spec: str, trainer: str, task: str) -> str:
         raise ReportError(f"--method {spec}: {trainer} has no {task} runs; drop it") from None
 
 
+METHOD_KEYWORDS = ("paper", "all")
+
+
+def expand_method_keywords(specs: Sequence[str], task: str) -> List[str]:
+    """`paper[/CFG]`: the ten rows of HiCroPL's base-to-new table (zero-shot CLIP as CLIP);
+    `all[/CFG]`: every registered prompt method. With /CFG each runs in that config (the demo's
+    demo_toy), else in its default config for the task."""
+    expanded = []
+    for spec in specs:
+        keyword, _, cfg = spec.partition("/")
+        if keyword not in METHOD_KEYWORDS or "=" in spec:
+            expanded.append(spec)
+            continue
+        if keyword == "paper":
+            rows = list(PAPER_METHODS)
+        else:
+            labels = dict((trainer, label) for label, trainer in PAPER_METHODS)
+            rows = [(labels.get(m.name, m.name), m.name) for m in prompt_methods(task)]
+        for label, trainer in rows:
+            if registered(trainer) is None:
+                raise ReportError(f"--method {spec}: {trainer} is not a registered method")
+            target = f"{trainer}/{cfg}" if cfg else trainer
+            expanded.append(target if label == trainer else f"{label}={target}")
+    return expanded
+
+
 def parse_methods(specs: Sequence[str], task: str, shots: Sequence[int]) -> List[Method]:
-    methods = [Method.parse(spec, task, shots) for spec in specs]
+    methods = [Method.parse(spec, task, shots) for spec in expand_method_keywords(specs, task)]
     trainers = [m.trainer for m in methods if not m.template and m.label == m.trainer]
     for m in methods:  # one trainer in several configs: tell them apart by their config
         if not m.template and m.label == m.trainer and trainers.count(m.trainer) > 1:
@@ -668,7 +694,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--method", action="append", required=True,
-                        help="NAME, NAME/CFG, LABEL=NAME[/CFG] or LABEL=TEMPLATE; repeat for each method")
+                        help="NAME, NAME/CFG, LABEL=NAME[/CFG] or LABEL=TEMPLATE; repeat for each method. "
+                             "'paper[/CFG]': the ten rows of HiCroPL's base-to-new table; 'all[/CFG]': every "
+                             "registered prompt method")
     parser.add_argument("--output", default="output", help="the runs' output root (default: output)")
     parser.add_argument("--datasets", nargs="+", help="names, 'all' (default: the papers' datasets for the task) "
                                                       "or 'toy' (the synthetic toy world's)")

@@ -227,6 +227,21 @@ def get_method(name: str) -> MethodSpec:
                    + f"; registered: {', '.join(known)}")
 
 
+# The rows of HiCroPL's base-to-new table (ICCV 2025, Table 1), in its order: (label, trainer)
+PAPER_METHODS = (("CLIP", "ZeroshotCLIP"), ("CoOp", "CoOp"), ("CoCoOp", "CoCoOp"), ("KgCoOp", "KgCoOp"),
+                 ("MaPLe", "MaPLe"), ("PromptSRC", "PromptSRC"), ("TCP", "TCP"), ("MMA", "MMA"),
+                 ("CoPrompt", "CoPrompt"), ("HiCroPL", "HiCroPL"))
+
+
+def prompt_methods(task: str = "base2new") -> List[MethodSpec]:
+    """Every registered method with a `task` recipe that adapts CLIP to class names (not EdgeCNN's
+    fixed-label classifier): the paper's rows first, in its order, then the others."""
+    paper = [trainer for _, trainer in PAPER_METHODS]
+    found = [spec for spec in methods() if "train" not in spec.default_configs and
+             (task == "dg" and "xd" in spec.default_configs or task in spec.default_configs)]
+    return sorted(found, key=lambda spec: paper.index(spec.name) if spec.name in paper else len(paper))
+
+
 def method_for_scripts(folder: str) -> MethodSpec:
     for spec in methods():
         if spec.scripts_folder == folder:
