@@ -181,7 +181,9 @@ register_method(
     "CoPrompt", settings=CoPromptSettings, model=CoPrompt, checkpoint_folder="MultiModalPromptLearner",  # the release's
     # the release's mixed-case node TRAINER.CoPrompt, with its weight and distance at TRAINER.W, TRAINER.DISTILL
     layout=ConfigLayout(node="CoPrompt", keys={"w": "W", "distill": "DISTILL"}, per_dataset=RELEASE_PER_DATASET),
-    default_configs={"base2new": "coprompt", "xd": "coprompt", "fewshot": "coprompt"},
+    # the release ships base-to-new only; no xd default: its per-dataset table would give the target
+    # datasets other prompt shapes than the ImageNet-trained model has
+    default_configs={"base2new": "coprompt", "fewshot": "coprompt"},
     class_texts=lambda settings, dataset: ClassTexts(GENERIC_TEMPLATES, descriptions=True, keep_each=True),
     release_checkpoint=ReleaseCheckpoint(keys_under("prompt_learner."), convert_release_state_dict),
     doc="docs/coprompt.md")
