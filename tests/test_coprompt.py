@@ -288,6 +288,22 @@ def test_a_few_steps_lower_the_loss(tiny_clip):
     assert max(losses[-3:]) < 0.85 * losses[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_agree_with_fp32_and_the_adapters_stay_fp32(tiny_clip, dtype):
+    import copy
+
+    from helpers import half_and_fp32_logits, half_tolerance
+    from vlprompt.clip.loading import cast_clip
+    got, expected, scale = half_and_fp32_logits(build, tiny_clip, dtype)
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() < half_tolerance(dtype, scale)
+    half = build(cast_clip(copy.deepcopy(tiny_clip), dtype))
+    out = half.loss([images_for(half, batch=2)] * 2, torch.tensor([0, 1]))
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in half.prompt_learner.parameters())
+
+
 @pytest.mark.parametrize("overrides,key,message", [
     (dict(distill="l1"), "DISTILL", "must be one of ('cosine', 'mse')"),
     (dict(w=-1.0), "W", "must be in [0, inf]"),
