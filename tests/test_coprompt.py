@@ -206,6 +206,30 @@ def test_release_checkpoint_layouts_convert_to_our_learner(layout):
         assert release["adapter_image.fc.0.weight"].dtype == torch.float16
 
 
+def layout_state(method, case_name):
+    """Zeros under every key (shape, dtype) a release's save_model wrote for a fixture case."""
+    listed = load_fixture(method)["cases"][case_name]["checkpoint_fp16"]["MultiModalPromptLearner"]["state_dict"]
+    return {key: torch.zeros(shape, dtype=getattr(torch, dtype)) for key, shape, dtype in listed}
+
+
+def test_maple_and_coprompt_release_files_are_told_apart(tmp_path):
+    """Both releases save MaPLe's prompt names in MultiModalPromptLearner/: each converter refuses
+    the other's file (CoPrompt's would otherwise load into MaPLe without its adapters), and the
+    message names the release that wrote it."""
+    from vlprompt.files import written_by
+    from vlprompt.methods.maple import convert_release_state_dict as convert_maple
+    coprompt, maple = layout_state(FIXTURE, "depth3_cosine"), layout_state("maple", "depth3")
+    source = str(tmp_path / "MultiModalPromptLearner" / "model.pth.tar-8")
+    with pytest.raises(KeyError, match="adapter_image.fc.0.weight is no entry of a MaPLe release checkpoint"):
+        convert_maple(coprompt)
+    assert "official CoPrompt release" in written_by(coprompt, source)
+    with pytest.raises(KeyError, match="not a CoPrompt release checkpoint"):
+        convert_release_state_dict(maple)
+    assert "official MaPLe release" in written_by(maple, source)
+    assert set(convert_release_state_dict({f"module.{k}": v for k, v in coprompt.items()})) == \
+        set(convert_release_state_dict(coprompt))  # DataParallel's prefix
+
+
 # ---- the method ------------------------------------------------------------------------------
 def build(clip_model, classes=("dog", "cat", "oak tree"), texts=3, seed=0, **overrides):
     settings = dict(n_ctx=2, ctx_init="a photo of a", prompt_depth=3)

@@ -24,7 +24,8 @@ from .base import LossOutput, PromptedCLIPClassifier
 from .common import normalize
 from .maple import MaPLe, MaPLePromptLearner, MaPLeSettings
 from .maple import convert_release_state_dict as convert_maple_state_dict
-from .registry import ClassTexts, ConfigLayout, ReleaseCheckpoint, entries_under, keys_under, register_method
+from .registry import (ClassTexts, ConfigLayout, ReleaseCheckpoint, entries_under, keys_under, register_method,
+                       without_data_parallel)
 from .settings import checked, option
 
 DISTANCES = ("cosine", "mse")
@@ -160,10 +161,13 @@ ADAPTERS = ("adapter_image.", "adapter_text.")
 
 def convert_release_state_dict(release_state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """The release's checkpoint state dict -> our learner's (fp32; fp16 runs save fp16 adapters)."""
-    ours = convert_maple_state_dict(release_state)
-    for adapter in ADAPTERS:
-        ours.update({f"{adapter}{name}": value.float() for name, value in entries_under(release_state, adapter)})
-    return ours
+    adapters = {f"{adapter}{name}": value.float() for adapter in ADAPTERS
+                for name, value in entries_under(release_state, adapter)}
+    if not adapters:  # MaPLe's release saves the same prompt names in the same folder
+        raise KeyError("no adapter_image.* or adapter_text.* entries: not a CoPrompt release checkpoint")
+    rest = {k: v for k, v in release_state.items() if not without_data_parallel(k).startswith(ADAPTERS)}
+    rest = {k: v for k, v in rest.items() if not without_data_parallel(k).startswith("model_distill.")}
+    return {**convert_maple_state_dict(rest), **adapters}
 
 
 # The release's train.py merges these after the command line (its trainers/constants.py,
