@@ -20,7 +20,7 @@ from dassl.utils import collect_env_info, set_random_seed, setup_logger
 import datasets  # noqa: F401  registers the CoOp datasets
 import trainers  # noqa: F401  registers the trainers
 from trainers.clip_prompt import ClipPromptTrainer
-from trainers.config import extend_cfg, per_dataset_options
+from trainers.config import dataset_config_options, extend_cfg
 from vlprompt.errors import InvalidValue, report_user_errors
 from vlprompt.files import exclusive_folder
 from vlprompt.methods.registry import get_method
@@ -113,7 +113,7 @@ def setup_cfg(args):
         merge_file(cfg, args.config_file, "--config-file")
     reset_cfg(cfg, args)
     # a release's per-dataset values (CoPrompt's) replace the config file's; the command line wins
-    cfg.merge_from_list(per_dataset_options(cfg))
+    cfg.merge_from_list(dataset_config_options(cfg))
     try:
         cfg.merge_from_list(args.opts)
     except (AssertionError, ValueError, KeyError) as err:

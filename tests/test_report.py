@@ -229,7 +229,7 @@ def test_unfinished_runs_are_named_as_unfinished(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("KgCoOp", "give its config as KgCoOp/CFG"),
+    ("ProGrad", "give its config as ProGrad/CFG"),  # not registered (KgCoOp is now)
     ("ZeroshotCLIP", "ZeroshotCLIP has no fewshot runs"),
     ("X={output}/{foo}/{dataset}", "unknown placeholder(s) {foo}"),
     ("X={output}/{dataset", "the template does not parse"),

@@ -176,7 +176,7 @@ class ClipPromptTrainer(CheckpointedTrainer):
         if cfg.MODEL.INIT_WEIGHTS:
             state = self.load_state_for(self.spec.checkpoint_folder, cfg.MODEL.INIT_WEIGHTS)
             load_strict(trainable, state["state_dict"], cfg.MODEL.INIT_WEIGHTS)
-        chosen = self.layout.per_dataset.get(cfg.DATASET.NAME)
+        chosen = self.layout.dataset_config.get(cfg.DATASET.NAME)
         if chosen:
             print(f"The release's values for {cfg.DATASET.NAME} (over the config file; command-line options win): "
                   + ", ".join(f"{key} {value}" for key, value in chosen.items()))

@@ -57,25 +57,27 @@ def extend_cfg(cfg: CN) -> CN:
     return cfg
 
 
-def per_dataset_options(cfg: CN) -> list:
+def dataset_config_options(cfg: CN) -> list:
     """[KEY, VALUE, ...]: what the release of TRAINER.NAME sets for DATASET.NAME (its layout's
-    `per_dataset`; train.py merges it after the config files, before the command line)."""
+    `dataset_config`; train.py merges it after the config files, before the command line)."""
     for spec in methods():
         for name, layout in spec.trainer_names():
             if name == cfg.TRAINER.NAME:
-                values = layout.per_dataset.get(cfg.DATASET.NAME, {})
+                values = layout.dataset_config.get(cfg.DATASET.NAME, {})
                 return [item for key, value in values.items() for item in (key, value)]
     return []
 
 
 def config_claims() -> dict:
-    """{path under TRAINER: [(default, has a legacy converter)]} over every registered trainer."""
+    """{path under TRAINER: [(default, has a legacy converter or a per-dataset default)]} over every
+    registered trainer."""
     claims = {}
     for spec in methods():
         for name, layout in spec.trainer_names():
             for setting in fields(spec.settings):
                 claims.setdefault(layout.path(setting.name), []).append(
-                    (layout.default(setting.name, spec.settings), setting.name in layout.legacy))
+                    (layout.default(setting.name, spec.settings),
+                     setting.name in layout.legacy or setting.name in layout.per_dataset))
             if issubclass(TRAINER_REGISTRY.get(name), ClipPromptTrainer):
                 claims.setdefault(layout.path("prec"), []).append(("fp16", False))  # fp32 | fp16 | bf16 | amp
     return claims

@@ -184,7 +184,7 @@ RELEASE_PER_DATASET = {
 register_method(
     "CoPrompt", settings=CoPromptSettings, model=CoPrompt, checkpoint_folder="MultiModalPromptLearner",  # the release's
     # the release's mixed-case node TRAINER.CoPrompt, with its weight and distance at TRAINER.W, TRAINER.DISTILL
-    layout=ConfigLayout(node="CoPrompt", keys={"w": "W", "distill": "DISTILL"}, per_dataset=RELEASE_PER_DATASET),
+    layout=ConfigLayout(node="CoPrompt", keys={"w": "W", "distill": "DISTILL"}, dataset_config=RELEASE_PER_DATASET),
     # the release ships base-to-new only; no xd default: its per-dataset table would give the target
     # datasets other prompt shapes than the ImageNet-trained model has
     default_configs={"base2new": "coprompt", "fewshot": "coprompt"},

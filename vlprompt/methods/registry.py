@@ -86,9 +86,12 @@ class ConfigLayout:
     # field -> f(value, dataset name): a release's legacy value as ours (applied to set values only)
     legacy: Mapping[str, Callable[[Any, str], Any]] = field(default_factory=dict)
     prec: str = ""  # path of PREC under TRAINER ("" = <node>.PREC)
-    # Dassl dataset name -> {full config key: value} a release sets per dataset (CoPrompt's
-    # trainers/constants.py): merged over the config files, below the command line
-    per_dataset: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # field -> f(dataset name): its default where the key is unset, for defaults that depend on the
+    # dataset (TCP's per-dataset class prompt words); such keys are None in the yacs node
+    per_dataset: Mapping[str, Callable[[str], Any]] = field(default_factory=dict)
+    # Dassl dataset name -> {full config key: value}: a release's per-dataset config (CoPrompt's
+    # trainers/constants.py), merged by train.py over the config files, below the command line
+    dataset_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def named(self, trainer: str) -> "ConfigLayout":
         """This layout with its node filled in for `trainer`."""
@@ -107,8 +110,9 @@ class ConfigLayout:
 
     def read(self, trainer_node: Mapping[str, Any], settings_type: type, dataset: str = "") -> Dict[str, Any]:
         """{field: value} from the config's TRAINER node: the overrides, then every key that is set
-        (None means "this trainer's default"), legacy values converted."""
-        values = dict(self.overrides)
+        (None means "this trainer's default", the dataset's for `per_dataset` fields), legacy values
+        converted."""
+        values = {**self.overrides, **{name: default(dataset) for name, default in self.per_dataset.items()}}
         for f in fields(settings_type):
             value = lookup(trainer_node, self.path(f.name))
             if value is None:
