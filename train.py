@@ -24,7 +24,7 @@ from dassl.utils import collect_env_info, set_random_seed, setup_logger
 import datasets  # noqa: F401  registers the CoOp datasets
 import trainers  # noqa: F401  registers the trainers
 from trainers.clip_prompt import ClipPromptTrainer
-from trainers.config import extend_cfg
+from trainers.config import dataset_config_options, extend_cfg
 from vlprompt.errors import InvalidValue, report_user_errors
 from vlprompt.experiments import record
 from vlprompt.experiments.results import finished
@@ -118,6 +118,8 @@ def setup_cfg(args):
     if args.config_file:
         merge_file(cfg, args.config_file, "--config-file")
     reset_cfg(cfg, args)
+    # a release's per-dataset values (CoPrompt's) replace the config file's; the command line wins
+    cfg.merge_from_list(dataset_config_options(cfg))
     try:
         cfg.merge_from_list(args.opts)
     except (AssertionError, ValueError, KeyError) as err:

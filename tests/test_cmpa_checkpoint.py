@@ -219,8 +219,11 @@ def test_our_checkpoint_of_another_method_names_its_trainer_and_folder(release_c
     message = str(err.value)
     assert "none of its keys (text_context, visual_context, cmpa.*.visual.proj.weight" in message
     assert "is a key of MaPLePromptLearner (ctx, proj.weight" in message
+    from vlprompt.methods.registry import methods
+    keepers = sorted(m.name for m in methods() if m.checkpoint_folder == "MultiModalPromptLearner")
+    assert {"DCP", "MaPLe"} <= set(keepers)  # and CoPrompt's, ...: every method that uses the folder
     assert ("another method's checkpoint (its path names the trainer DCP; its folder MultiModalPromptLearner/ "
-            "is where DCP, MaPLe keep theirs)") in message
+            f"is where {', '.join(keepers)} keep theirs)") in message
     assert "prompt length" not in message
 
 

@@ -8,11 +8,24 @@ the loaders are built and the unreadable ones are left out with a warning naming
 from concurrent.futures import ThreadPoolExecutor
 from typing import List
 
+import numpy as np
 from dassl.data import DataManager
 from dassl.data.data_manager import DatasetWrapper
-from PIL import Image
+from dassl.data.transforms import randaugment
+from PIL import Image, ImageOps
 
 from vlprompt.errors import UserError
+
+
+def solarize_add(img, addition=0, threshold=128):
+    """Dassl's RandAugment op SolarizeAdd, the same arithmetic with `int` where it uses numpy's
+    `np.int` alias, removed in numpy 1.24 (the op then raises AttributeError, so INPUT.TRANSFORMS
+    ["randaugment", ...], CoPrompt's recipe, fails at the first image that draws it)."""
+    pixels = np.clip(np.array(img).astype(int) + addition, 0, 255).astype(np.uint8)
+    return ImageOps.solarize(Image.fromarray(pixels), threshold)
+
+
+randaugment.SolarizeAdd = solarize_add  # randaugment_list() reads the module's op when a transform is built
 
 
 class BrokenImageError(UserError, RuntimeError):

@@ -114,6 +114,9 @@ class ClipPromptTrainer(CheckpointedTrainer):
         super().check_cfg(cfg)
         check_precision(cls.precision_of(cfg), cls.key("prec"), on_cuda=cfg.USE_CUDA and torch.cuda.is_available())
         settings = cls.settings_from(cfg)
+        if cfg.DATALOADER.K_TRANSFORMS > 1 and not getattr(cls.spec.model, "takes_views", False):
+            raise InvalidValue(f"DATALOADER.K_TRANSFORMS={cfg.DATALOADER.K_TRANSFORMS} is invalid for "
+                               f"{cls.spec.name}: it trains on one view of each image; set DATALOADER.K_TRANSFORMS 1")
         texts = cls.spec.class_texts(settings, cfg.DATASET.NAME) if cls.spec.class_texts else None
         chosen = cfg.DATASET.DESCRIPTIONS_FILE
         if texts is not None and texts.descriptions and chosen and not osp.isfile(chosen):
@@ -200,7 +203,7 @@ class ClipPromptTrainer(CheckpointedTrainer):
         try:
             return frozen_class_features(PromptedTextEncoder(clip_model), self.dm.dataset.classnames, path,
                                          templates=texts.templates, store=store, chunk=chunk,
-                                         normalize_each=texts.normalize_each)
+                                         normalize_each=texts.normalize_each, keep_each=texts.keep_each)
         except DescriptionsError as err:
             raise DescriptionsError(f"{err} (set by DATASET.DESCRIPTIONS_FILE / DATASET.DESCRIPTIONS_DIR)") from err
 
@@ -222,6 +225,10 @@ class ClipPromptTrainer(CheckpointedTrainer):
         if cfg.MODEL.INIT_WEIGHTS:
             state = self.load_state_for(self.spec.checkpoint_folder, cfg.MODEL.INIT_WEIGHTS)
             load_strict(trainable, state["state_dict"], cfg.MODEL.INIT_WEIGHTS)
+        chosen = self.layout.dataset_config.get(cfg.DATASET.NAME)
+        if chosen:
+            print(f"The release's values for {cfg.DATASET.NAME} (over the config file; command-line options win): "
+                  + ", ".join(f"{key} {value}" for key, value in chosen.items()))
         print(f"{type(self).__name__}: {settings}")
         print(f"{len(self.dm.dataset.classnames)} classes, prompt prefix '{getattr(self.model, 'prompt_prefix', '')}'")
         self.model.to(self.device)
@@ -297,7 +304,12 @@ class ClipPromptTrainer(CheckpointedTrainer):
         return summary
 
     def parse_batch_train(self, batch):
-        return batch["img"].to(self.device), batch["label"].to(self.device)
+        """(images, labels); with DATALOADER.K_TRANSFORMS > 1 Dassl gives a list of augmented views
+        of each image, passed on as a list [K x [B, 3, H, W]] (only models with `takes_views`)."""
+        images = batch["img"]
+        if isinstance(images, (list, tuple)):
+            return [view.to(self.device) for view in images], batch["label"].to(self.device)
+        return images.to(self.device), batch["label"].to(self.device)
 
     # ---- evaluate --------------------------------------------------------------------------
     feature_cache = None

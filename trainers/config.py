@@ -60,6 +60,17 @@ def extend_cfg(cfg: CN) -> CN:
     return cfg
 
 
+def dataset_config_options(cfg: CN) -> list:
+    """[KEY, VALUE, ...]: what the release of TRAINER.NAME sets for DATASET.NAME (its layout's
+    `dataset_config`; train.py merges it after the config files, before the command line)."""
+    for spec in methods():
+        for name, layout in spec.trainer_names():
+            if name == cfg.TRAINER.NAME:
+                values = layout.dataset_config.get(cfg.DATASET.NAME, {})
+                return [item for key, value in values.items() for item in (key, value)]
+    return []
+
+
 def config_claims() -> dict:
     """{path under TRAINER: [(default, has a legacy converter or a per-dataset default)]} over every
     registered trainer."""

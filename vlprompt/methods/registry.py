@@ -33,10 +33,13 @@ class ClassTexts:
     """Where a method's frozen class text features come from: prompt `templates` ("{}" is the
     class name), or the dataset's class descriptions when `descriptions` is set and a
     descriptions file exists (the templates otherwise). `normalize_each` False averages the
-    texts' raw features before normalising (PromptSRC's recipe) instead of their normalised ones."""
+    texts' raw features before normalising (PromptSRC's recipe) instead of their normalised ones;
+    `keep_each` True keeps every text's normalised feature ([C, T, E], CoPrompt's: it picks one
+    text per step) instead of their mean."""
     templates: Tuple[str, ...]
     descriptions: bool = False
     normalize_each: bool = True
+    keep_each: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,9 @@ class ConfigLayout:
     # field -> f(dataset name): its default where the key is unset, for defaults that depend on the
     # dataset (TCP's per-dataset class prompt words); such keys are None in the yacs node
     per_dataset: Mapping[str, Callable[[str], Any]] = field(default_factory=dict)
+    # Dassl dataset name -> {full config key: value}: a release's per-dataset config (CoPrompt's
+    # trainers/constants.py), merged by train.py over the config files, below the command line
+    dataset_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def named(self, trainer: str) -> "ConfigLayout":
         """This layout with its node filled in for `trainer`."""
