@@ -20,7 +20,7 @@ from ..clip.class_features import readable_name
 from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
 from .common import CONTEXT_LENGTH, MAX_CONTEXT_TOKENS
-from .registry import ReleaseCheckpoint, register_method, without_data_parallel
+from .registry import ReleaseCheckpoint, register_method, without_buffers
 from .settings import BackboneShape, ConfigError, checked, option
 
 POSITIONS = ("end", "middle", "front")
@@ -148,12 +148,7 @@ def is_release_state_dict(keys: Iterable[str]) -> bool:
 def convert_release_state_dict(release_state: Dict[str, Any]) -> Dict[str, Tensor]:
     """The release's `prompt_learner` state dict -> ours: the same names without the token buffers
     (rebuilt from the current class names, as the release's load_model does), fp32."""
-    ours = {}
-    for key, value in release_state.items():
-        key = without_data_parallel(key)
-        if key not in CLASS_BOUND_BUFFERS:
-            ours[key] = value.float()
-    return ours
+    return without_buffers(release_state, CLASS_BOUND_BUFFERS)
 
 
 RELEASE_CHECKPOINT = ReleaseCheckpoint(is_release_state_dict, convert_release_state_dict)

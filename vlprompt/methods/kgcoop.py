@@ -18,10 +18,8 @@ from torch import Tensor, nn
 from ..clip.templates import dataset_template
 from .base import LossOutput
 from .common import normalize
-from .coop import CoOp, CoOpSettings
-from .coop import convert_release_state_dict as convert_coop_state_dict
-from .coop import is_release_state_dict
-from .registry import ClassTexts, ConfigLayout, ReleaseCheckpoint, register_method, without_data_parallel
+from .coop import CLASS_BOUND_BUFFERS, CoOp, CoOpSettings, is_release_state_dict
+from .registry import ClassTexts, ConfigLayout, ReleaseCheckpoint, register_method, without_buffers
 from .settings import option
 
 # The release's CUSTOM_TEMPLATES (trainers/kgcoop.py): one hand-written prompt per dataset. It
@@ -114,8 +112,7 @@ RELEASE_UNUSED = ("bias_vectors", "meta_net.linear1.weight", "meta_net.linear1.b
 def convert_release_state_dict(release_state: Dict[str, Any]) -> Dict[str, Tensor]:
     """The release's `prompt_learner` state dict (ctx, the token buffers, its unused bias_vectors and
     meta_net) -> ours: {"ctx": fp32}."""
-    kept = {key: value for key, value in release_state.items() if without_data_parallel(key) not in RELEASE_UNUSED}
-    return convert_coop_state_dict(kept)
+    return without_buffers(release_state, CLASS_BOUND_BUFFERS + RELEASE_UNUSED)
 
 
 RELEASE_CHECKPOINT = ReleaseCheckpoint(is_release_state_dict, convert_release_state_dict)

@@ -25,7 +25,7 @@ from ..clip.class_features import readable_name
 from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
 from .common import CONTEXT_LENGTH
-from .registry import ConfigLayout, ReleaseCheckpoint, register_method, without_data_parallel
+from .registry import ConfigLayout, ReleaseCheckpoint, register_method, without_buffers, without_data_parallel
 from .settings import BackboneShape, ConfigError, checked, option
 
 
@@ -165,12 +165,7 @@ def is_release_state_dict(keys: Iterable[str]) -> bool:
 def convert_release_state_dict(release_state: Dict[str, Any]) -> Dict[str, Tensor]:
     """The release's `adapter_learner` state dict -> ours: the same names without the class-bound
     buffers, fp32 (an fp16 run saves fp16 adapters)."""
-    ours = {}
-    for key, value in release_state.items():
-        key = without_data_parallel(key)
-        if key not in CLASS_BOUND_BUFFERS:
-            ours[key] = value.float()
-    return ours
+    return without_buffers(release_state, CLASS_BOUND_BUFFERS)
 
 
 RELEASE_CHECKPOINT = ReleaseCheckpoint(is_release_state_dict, convert_release_state_dict)

@@ -63,6 +63,14 @@ def without_data_parallel(key: str) -> str:
     return key[len("module."):] if key.startswith("module.") else key
 
 
+def without_buffers(release_state: Dict[str, Any], buffers: Iterable[str]) -> Dict[str, Any]:
+    """A release's learner state dict as ours: DataParallel's prefix and the class-bound `buffers`
+    (rebuilt from the current class names, as the releases' load_model does) dropped, fp32."""
+    buffers = set(buffers)
+    entries = ((without_data_parallel(key), value) for key, value in release_state.items())
+    return {key: value.float() for key, value in entries if key not in buffers}
+
+
 def entries_under(release_state: Dict[str, Any], prefix: str = "prompt_learner.") -> Iterator[Tuple[str, Any]]:
     """(name below `prefix`, value) of a release's state dict, with or without DataParallel's
     prefix; the other entries (frozen CLIP, logit_scale) are left out."""
