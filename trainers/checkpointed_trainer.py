@@ -88,6 +88,9 @@ class CheckpointedTrainer(TrainerX):
         if cfg.DATASET.SUBSAMPLE_CLASSES not in ("all", "base", "new"):
             raise InvalidValue(f"DATASET.SUBSAMPLE_CLASSES={cfg.DATASET.SUBSAMPLE_CLASSES!r} is invalid: "
                              f"must be all, base or new")
+        check_data = getattr(DATASET_REGISTRY.get(cfg.DATASET.NAME), "check_cfg", None)
+        if check_data is not None:  # a dataset of the user's own images: bad data stops the run here
+            check_data(cfg)
 
     def build_data_loader(self, **custom_transforms):
         for line in device_report(self.device, torch.cuda.device_count() if torch.cuda.is_available() else 0):

@@ -41,6 +41,11 @@ def extend_cfg(cfg: CN) -> CN:
     cfg.DATASET.DESCRIPTIONS_FILE = ""
     # True: no descriptions file is an error (the paper's setting guaranteed), not the templates
     cfg.DATASET.REQUIRE_DESCRIPTIONS = False
+    # DATASET.NAME ImageFolder (your own images, datasets/image_folder.py): a folder of class
+    # folders, or a .csv/.json list of (path, label); absolute or relative to DATASET.ROOT ("" = the
+    # root itself). CLASSNAMES_FILE: "<folder> <class name>" lines, in label order ("" = folder names).
+    cfg.DATASET.IMAGE_FOLDER = ""
+    cfg.DATASET.CLASSNAMES_FILE = ""
     # RAF-DB's labels: "raf" (its own order) or "fer" (FER-2013's, for cross-dataset tests)
     cfg.DATASET.RAF_LABEL_ORDER = "raf"
 
