@@ -1,7 +1,7 @@
 """Your own images, end to end (issue 21): a class-folder dataset of toy-world photos, HiCroPL
 trained on its base classes through the task script, tested on its new classes by the test loop,
 and the same images classified by vlprompt.load_classifier / vlprompt.predict (trained classes,
-classes named on the command line, the checkpoint alone).
+classes named on the command line, the checkpoint alone) and by the ONNX export.
 
 One training run is shared by the module (the toy CLIP, demo_toy's recipe, one epoch)."""
 import json
@@ -208,6 +208,22 @@ def test_a_checkpoint_without_its_description_loads_from_the_run_log_or_a_config
     assert (loaded(paths) - expected).abs().max().item() < 1e-5
 
 
+def test_onnx_export_of_hicropl_matches_pytorch(run, new_loop, capsys):
+    import onnxruntime
+    import vlprompt
+    from vlprompt import export
+    _, seen, _ = new_loop
+    out = run.root / "hicropl.onnx"
+    assert export.main([str(run.train_dir), "--classes", "green star,blue cross,purple ring", "--out", str(out)]) == 0
+    assert "checked with onnxruntime" in capsys.readouterr().out and out.stat().st_size > 1e6
+    classifier = vlprompt.load_classifier(str(run.train_dir), classes=["green star", "blue cross", "purple ring"])
+    paths = sorted(seen)
+    images = classifier.load_images(paths)
+    got = onnxruntime.InferenceSession(str(out)).run(None, {"image": images.numpy()})[0]
+    expected = torch.stack([seen[p] for p in paths])
+    assert (torch.from_numpy(got) - expected).abs().max().item() < 1e-4
+
+
 def train_in_process(run, trainer, folder, *options):
     """A one-epoch run of `trainer` on the image folder (2 shots), trained in this process."""
     import train
@@ -223,6 +239,29 @@ def train_in_process(run, trainer, folder, *options):
     if trainer.spec.trains:
         trainer.train()
     return trainer
+
+
+def test_onnx_export_of_coop_matches_pytorch_and_cocoop_is_refused(run, capsys):
+    import onnxruntime
+    import vlprompt
+    from vlprompt import export
+    train_in_process(run, "CoOp", run.root / "coop")
+    out = run.root / "coop.onnx"
+    assert export.main([str(run.root / "coop"), "--out", str(out)]) == 0
+    classifier = vlprompt.load_classifier(str(run.root / "coop"))
+    images = classifier.load_images(sorted(str(p) for p in (run.images / "red_circle").glob("*.png"))[:6])
+    got = onnxruntime.InferenceSession(str(out)).run(None, {"image": images.numpy()})[0]
+    assert (torch.from_numpy(got) - classifier(images)).abs().max().item() < 1e-4
+    train_in_process(run, "CoCoOp", run.root / "cocoop", "DATALOADER.TRAIN_X.BATCH_SIZE", "2")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        export.main([str(run.root / "cocoop"), "--out", str(run.root / "cocoop.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert "CoCoOp cannot be exported" in err and "every image has its own class text features" in err
+    assert not (run.root / "cocoop.onnx").exists()
+    # yet it classifies, its class features computed per image as in its test loop
+    assert vlprompt.load_classifier(str(run.root / "cocoop"), classes=["star", "ring"])(images).shape == (6, 2)
 
 
 def test_zero_shot_clip_runs_classify_too(run):
