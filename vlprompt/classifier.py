@@ -35,7 +35,6 @@ from .model_card import default_input, input_info, test_transform
 
 PRECISIONS = ("fp32", "fp16", "bf16", "amp")
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-CHECKPOINT_NAMES = ("model-best.pth.tar",)
 ImageLike = Union[str, os.PathLike, Tensor, Any]  # a path, a PIL image or a [3, H, W] / [B, 3, H, W] tensor
 
 
@@ -125,7 +124,7 @@ def read_info(path: str, checkpoint: Mapping[str, Any], method: Optional[str], c
 class Classifier:
     """Logits and probabilities of images over a list of class names, from a trained model."""
 
-    def __init__(self, model, clip_model, spec, settings, info: Dict[str, Any], precision: str,
+    def __init__(self, model, spec, settings, info: Dict[str, Any], precision: str,
                  device: torch.device, text_encoder: Optional[PromptedTextEncoder]):
         self.model, self.spec, self.settings, self.info = model, spec, settings, info
         self.precision, self.device = precision, device
@@ -309,4 +308,4 @@ def load_classifier(run_dir_or_checkpoint: str, classes: Optional[Sequence[str]]
         weights = spec.release_checkpoint.convert(weights)
     load_strict(model.prompt_learner, weights, path)
     model.to(device).eval()
-    return Classifier(model, clip_model, spec, settings, info, precision, device, text_encoder)
+    return Classifier(model, spec, settings, info, precision, device, text_encoder)
