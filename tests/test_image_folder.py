@@ -145,7 +145,7 @@ def test_the_task_script_takes_a_dataset_yaml_path_and_refuses_bad_data_with_sta
     """The scripts accept a dataset YAML outside configs/datasets/ (DATA defaults to its folder)."""
     write_images(tmp_path / "mine", {"cat": 6})
     (tmp_path / "my_pets.yaml").write_text('DATASET:\n  NAME: "ImageFolder"\n  IMAGE_FOLDER: "mine"\n')
-    env = {k: v for k, v in os.environ.items() if k != "DATA"}
+    env = dict(os.environ, DATA=str(tmp_path / "elsewhere"))  # not read: the YAML's folder is its root
     env.update(OUTPUT=str(tmp_path / "out"), CFG="demo_toy", PYTHONWARNINGS="ignore",
                VLPROMPT_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts/hicropl/base2new_train.sh"),
@@ -155,3 +155,18 @@ def test_the_task_script_takes_a_dataset_yaml_path_and_refuses_bad_data_with_sta
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "at least 2 classes" in proc.stderr
     assert "my_pets/shots_16/HiCroPL/demo_toy/seed1" in proc.stdout  # named after the YAML's stem
     assert not (tmp_path / "out").exists() and tree(tmp_path / "mine") == [f"cat/{i:02d}.png" for i in range(6)]
+
+
+def test_the_sweep_takes_a_dataset_yaml_path(tmp_path, monkeypatch, capsys):
+    from vlprompt import sweep
+    (tmp_path / "my_pets.yaml").write_text('DATASET:\n  NAME: "ImageFolder"\n  IMAGE_FOLDER: "mine"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATA", raising=False)
+    assert sweep.main(["--task", "base2new", "--trainer", "HiCroPL", "--datasets", "my_pets.yaml", "--seeds", "1",
+                       "--output", str(tmp_path / "out"), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "DATA is not set" not in err  # a YAML's runs need no DATA
+    assert f"-m vlprompt.run base2new_train HiCroPL {tmp_path / 'my_pets.yaml'} 1" in out
+    # finished runs are found under the YAML's stem, where vlprompt.run writes them
+    grid = sweep.Grid("base2new", "HiCroPL", "cfg", "out", [str(tmp_path / "my_pets.yaml")], [1])
+    assert grid.expand()[0].outputs[0][0] == "out/base2new/train_base/my_pets/shots_16/HiCroPL/cfg/seed1"

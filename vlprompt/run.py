@@ -10,7 +10,7 @@ when unfinished, check what it needs first, then call train.py.
     python -m vlprompt.run base2new_train HiCroPL path/to/my_dataset.yaml 1   (a dataset YAML of your own)
 
 The environment gives what CoOp's scripts read from it: DATA (the datasets' folder, required;
-for a dataset given as a YAML path, default: that file's folder),
+not read for a dataset given as a YAML path, whose root is its DATASET.ROOT or else its folder),
 OUTPUT (default `output`), CFG (a config name under configs/trainers/<method>/ or a .yaml path;
 default: the method's config for the task), SOURCE (xd_test: the dataset trained on, default
 imagenet), LOADEP (xd_test: the epoch to load, default the config's MAX_EPOCH) and PYTHON. The
@@ -108,6 +108,17 @@ def resolve_config(spec: MethodSpec, family: str, dataset: str, cfg: str) -> Tup
     return cfg, path
 
 
+def yaml_data_root(path: str) -> str:
+    """The data root of a dataset given as a YAML path: its DATASET.ROOT if it sets one, else the
+    file's folder (paths in the file, such as DATASET.IMAGE_FOLDER, read from where the file is,
+    whatever DATA says)."""
+    import yaml
+    with open(path) as handle:
+        config = yaml.safe_load(handle) or {}
+    root = str((config.get("DATASET") or {}).get("ROOT") or "")
+    return os.path.join(os.path.dirname(path), os.path.expanduser(root))
+
+
 def config_max_epoch(path: str) -> str:
     import yaml
     with open(path) as handle:
@@ -139,7 +150,7 @@ def plan(ctx: Context, args: Sequence[str], env) -> List[Job]:
                     ctx.train_args(dataset, seed, "DATASET.NUM_SHOTS", str(SHOTS)))]
     if task == "xd_test":
         dataset, seed = args
-        source = env.get("SOURCE") or "imagenet"
+        source = layout.config_name(env.get("SOURCE") or "imagenet")  # a dataset YAML's runs: by its stem
         model_dir = layout.xd_train(out, source, name, cfg, int(seed))
         epoch = env.get("LOADEP") or config_max_epoch(ctx.config_file)
         return [Job(layout.xd_test(out, dataset, name, cfg, int(seed)), "test",
@@ -204,7 +215,7 @@ def parse(argv: Sequence[str], env) -> Tuple[Context, List[str], List[str]]:
             raise UsageError(f"dataset config {positional[0]}: no such file")
         dataset_files[layout.config_name(positional[0])] = os.path.abspath(positional[0])
         positional[0] = layout.config_name(positional[0])
-        data = data or os.path.dirname(dataset_files[positional[0]])  # relative paths in it: from its folder
+        data = yaml_data_root(dataset_files[positional[0]])
     if not data:
         raise UsageError("Set DATA to the folder that holds your datasets (CoOp's layout, see README: Datasets), "
                          "e.g.  export DATA=/data/coop_datasets")
