@@ -28,7 +28,7 @@ from .clip.class_features import ClassFeatureStore, frozen_class_features, load_
 from .clip.encoders import PromptedTextEncoder
 from .clip.loading import cast_clip, load_clip, weights_fingerprint
 from .errors import UserError
-from .files import CheckpointError, cache_root, load_strict, read_checkpoint
+from .files import CheckpointError, cache_root, load_strict, read_checkpoint, written_by
 from .methods import settings as method_settings
 from .methods.registry import get_method, lookup
 from .model_card import default_input, input_info, test_transform
@@ -305,7 +305,11 @@ def load_classifier(run_dir_or_checkpoint: str, classes: Optional[Sequence[str]]
     model = spec.model(clip_model, settings, classes, frozen)
     weights = checkpoint.get("state_dict", checkpoint)
     if spec.release_checkpoint is not None and spec.release_checkpoint.recognizes(weights):
-        weights = spec.release_checkpoint.convert(weights)
+        try:
+            weights = spec.release_checkpoint.convert(weights)
+        except (KeyError, ValueError) as err:  # a release file of another method
+            raise ClassifierError(f"{path} is not a {spec.name} release checkpoint ({err.args[0]}). "
+                                  f"{written_by(weights, path)}") from err
     load_strict(model.prompt_learner, weights, path)
     model.to(device).eval()
     return Classifier(model, spec, settings, info, precision, device, text_encoder)
