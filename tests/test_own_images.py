@@ -121,6 +121,10 @@ def test_predictions_with_the_trained_classes_equal_the_test_loops(run):
     assert classifier.classnames == tester.dm.dataset.classnames
     one = sorted(seen)[0]
     assert (classifier(one)[0] - seen[one]).abs().max().item() < 1e-5  # a single image, by its path
+    from PIL import Image
+    with Image.open(one) as image:  # or as a PIL image, with a tensor already transformed
+        batch = [image.copy(), classifier.transform(image.convert("RGB"))]
+    assert (classifier(batch) - seen[one]).abs().max().item() < 1e-5
 
 
 def test_the_predict_command_with_classes_from_the_command_line(run, new_loop, capsys):
