@@ -25,9 +25,8 @@ from tqdm import tqdm
 from vlprompt.clip.class_features import ClassFeatureStore, DescriptionsError, frozen_class_features
 from vlprompt.clip.encoders import PromptedTextEncoder
 from vlprompt.clip.image_features import ImageFeatureCache
-from vlprompt.clip.loading import architecture_shape, backbone_shape, cast_clip, load_clip
+from vlprompt.clip.loading import architecture_shape, backbone_shape, cast_clip, load_clip, weights_fingerprint
 from vlprompt.errors import InvalidValue, UserError
-from vlprompt.clip.loading import weights_fingerprint
 from vlprompt.files import (CheckpointError, atomic_torch_save, cache_root, load_strict, read_checkpoint,
                             tensors_fingerprint, written_by)
 from vlprompt.model_card import INFO_FORMAT, input_info, plain
