@@ -197,7 +197,7 @@ class ImageFolderSource:
         return {key: name for key, name in named.items() if key in set(keys)}
 
     # ---- checks and the split ---------------------------------------------------------------
-    def split(self, shots: int, check_images: bool = True) -> dict:
+    def split(self, shots: int, check_images: bool = True, allow_fewer: bool = False) -> dict:
         """CoOp's split {"train"|"val"|"test": [[relpath, label, classname], ...]}, every bad-data
         case checked first."""
         rows = self.rows()
@@ -216,7 +216,7 @@ class ImageFolderSource:
             self.check_images([p for part in rows.values() for p, _ in part])
         labels = {key: label for label, key in enumerate(names)}
         parts = self._divide(rows)
-        check_shots([names[key] for _, key in parts["train"]], shots)
+        check_shots([names[key] for _, key in parts["train"]], shots, allow_fewer)
         relative = lambda p: os.path.relpath(p, self.folder)  # noqa: E731
         return {part: [[relative(p), labels[key], names[key]] for p, key in items] for part, items in parts.items()}
 
@@ -260,17 +260,18 @@ class ImageFolderSource:
             raise BadDataError(f"{len(bad)} file(s) cannot be read as images: {_shown(bad)}; replace or remove them")
 
 
-def check_shots(train_classnames: Sequence[str], shots: int) -> None:
-    """NUM_SHOTS training images per class, or one message naming the classes that have fewer."""
+def check_shots(train_classnames: Sequence[str], shots: int, allow_fewer: bool = False) -> None:
+    """NUM_SHOTS training images per class, or one message naming the classes that have fewer
+    (with DATASET.ALLOW_FEWER_SHOTS the run goes on, and the few-shot sampling says so)."""
     counts: Dict[str, int] = {}
     for name in train_classnames:
         counts[name] = counts.get(name, 0) + 1
     few = [f"{name} ({n})" for name, n in counts.items() if n < shots]
-    if shots >= 1 and few:
+    if shots >= 1 and few and not allow_fewer:
         raise BadDataError(
             f"DATASET.NUM_SHOTS={shots} but these classes have fewer training images: {_shown(few, 8)}; "
-            f"the run does not go on with fewer: add images, or lower DATASET.NUM_SHOTS to at most "
-            f"{min(counts.values())}")
+            f"the run does not go on with fewer: add images, lower DATASET.NUM_SHOTS to at most "
+            f"{min(counts.values())}, or set DATASET.ALLOW_FEWER_SHOTS True to train on the images there are")
 
 
 _CHECKED = set()  # (path, shots) checked in this process: check_cfg then the dataset need not decode twice
@@ -280,14 +281,15 @@ def check_image_folder(cfg) -> None:
     """Every bad-data case, before the run writes anything (train.py's start checks call it)."""
     source = ImageFolderSource(cfg)
     path = source.existing_split()
+    allow_fewer = bool(cfg.DATASET.get("ALLOW_FEWER_SHOTS", False))
     if path is None:
-        source.split(cfg.DATASET.NUM_SHOTS)
+        source.split(cfg.DATASET.NUM_SHOTS, allow_fewer=allow_fewer)
         _CHECKED.add((source.path, cfg.DATASET.NUM_SHOTS))
         return
     with open(path, encoding="utf-8") as handle:
         split = json.load(handle)
     check_shots([row[2] for row in split.get("train", []) if isinstance(row, list) and len(row) == 3],
-                cfg.DATASET.NUM_SHOTS)
+                cfg.DATASET.NUM_SHOTS, allow_fewer)
 
 
 @DATASET_REGISTRY.register()
@@ -307,7 +309,8 @@ class ImageFolder(CoOpDataset):
         path = self.source.existing_split()
         if path is None:
             shots = self.cfg.DATASET.NUM_SHOTS
-            split = self.source.split(shots, check_images=(self.source.path, shots) not in _CHECKED)
+            split = self.source.split(shots, check_images=(self.source.path, shots) not in _CHECKED,
+                                      allow_fewer=bool(self.cfg.DATASET.get("ALLOW_FEWER_SHOTS", False)))
             path = self.source.write_split(split)
         return read_split_json(path, self.source.folder)
 

@@ -158,7 +158,7 @@ def test_the_task_script_takes_a_dataset_yaml_path_and_refuses_bad_data_with_sta
 
 
 def test_the_sweep_takes_a_dataset_yaml_path(tmp_path, monkeypatch, capsys):
-    from vlprompt import sweep
+    from vlprompt.experiments import sweep
     (tmp_path / "my_pets.yaml").write_text('DATASET:\n  NAME: "ImageFolder"\n  IMAGE_FOLDER: "mine"\n')
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DATA", raising=False)

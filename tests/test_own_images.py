@@ -60,7 +60,7 @@ def dassl_test_loop(run, stage, trainer="HiCroPL", model_dir=None, options=()):
     import train
     from dassl.engine import build_trainer
     from dassl.utils import set_random_seed
-    from vlprompt import run as task_run
+    from vlprompt.experiments import run as task_run
     ctx, positional, _ = task_run.parse([stage, trainer, str(run.yaml), "1"], run.env)
     job = task_run.plan(ctx, positional, run.env)[-1]
     args = train.build_parser().parse_args(["--output-dir", str(run.root / f"loop_{stage}_{trainer}"), *job.args,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlprompt import report_figures
-from vlprompt.report import build, main, report
+from vlprompt.experiments import report_figures
+from vlprompt.experiments.report import build, main, report
 from helpers import eval_log, train_log, write
 from test_parse_test_res import base2new_layout
 
@@ -229,7 +229,7 @@ def test_unfinished_runs_are_named_as_unfinished(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("KgCoOp", "give its config as KgCoOp/CFG"),
+    ("ProGrad", "give its config as ProGrad/CFG"),  # not registered (KgCoOp is now)
     ("ZeroshotCLIP", "ZeroshotCLIP has no fewshot runs"),
     ("X={output}/{foo}/{dataset}", "unknown placeholder(s) {foo}"),
     ("X={output}/{dataset", "the template does not parse"),
@@ -304,7 +304,7 @@ def test_paper_keyword_prints_the_ten_rows_of_hicropls_table(tmp_path):
 
 def test_all_keyword_lists_every_registered_prompt_method():
     from vlprompt.methods.registry import prompt_methods
-    from vlprompt.report import expand_method_keywords
+    from vlprompt.experiments.report import expand_method_keywords
     expanded = expand_method_keywords(["all/demo_toy"], "base2new")
     assert expanded[0] == "CLIP=ZeroshotCLIP/demo_toy"
     assert [spec.split("=")[-1] for spec in expanded] == [f"{m.name}/demo_toy" for m in prompt_methods()]

@@ -13,6 +13,7 @@
 The model contract is vlprompt.methods.base.PromptModel.
 """
 import dataclasses
+import os
 import os.path as osp
 
 import PIL
@@ -69,6 +70,9 @@ def check_input_size(cfg, resolution: int) -> None:
     if tuple(cfg.INPUT.SIZE) != (resolution, resolution):
         raise InvalidValue(f"INPUT.SIZE={tuple(cfg.INPUT.SIZE)} does not match the backbone's input "
                          f"resolution {resolution}: set INPUT.SIZE ({resolution}, {resolution})")
+
+
+RECIPES = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "configs", "trainers")
 
 
 class ClipPromptTrainer(CheckpointedTrainer):
@@ -128,8 +132,52 @@ class ClipPromptTrainer(CheckpointedTrainer):
         backbone = cfg.MODEL.BACKBONE
         shape = None if backbone.PATH else architecture_shape(backbone.NAME)
         if shape is not None:  # OpenAI's named backbones: their shapes are known without weights
-            cls.validate_for(settings, shape)
+            cls.check_fit(cfg, settings, shape)
+
+    @classmethod
+    def misfits(cls, cfg, settings, shape) -> list:
+        """What in the config does not fit the backbone's shape: every mismatch, not the first only."""
+        problems = []
+        try:
             check_input_size(cfg, shape.image_resolution)
+        except InvalidValue as err:
+            problems.append(str(err))
+        try:
+            cls.validate_for(settings, shape)
+        except InvalidValue as err:
+            problems.append(str(err))
+        return problems
+
+    @classmethod
+    def check_fit(cls, cfg, settings, shape) -> None:
+        """The config fits the backbone, or one message with all mismatches and the shipped recipes
+        of this trainer that do fit it (the toy CLIP needs CFG=demo_toy, not the papers' recipes)."""
+        problems = cls.misfits(cfg, settings, shape)
+        if problems:
+            fitting = cls.fitting_recipes(shape)
+            hint = (f". The recipe does not fit this backbone; {' and '.join(fitting)} "
+                    f"{'fits' if len(fitting) == 1 else 'fit'} it: CFG={fitting[0]} for the scripts, --config-file "
+                    f"{osp.join(RECIPES, cls.spec.name, fitting[0] + '.yaml')} for train.py" if fitting else "")
+            raise InvalidValue("; ".join(problems) + hint)
+
+    @classmethod
+    def fitting_recipes(cls, shape) -> list:
+        """The names of configs/trainers/<method>/*.yaml whose input size and settings fit `shape`."""
+        from dassl.config import get_cfg_default
+
+        from .config import extend_cfg  # trainers.config imports this module
+        folder = osp.join(RECIPES, cls.spec.name)
+        names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if osp.isdir(folder) else []
+        fitting = []
+        for name in names:
+            cfg = extend_cfg(get_cfg_default())
+            try:
+                cfg.merge_from_file(osp.join(folder, name + ".yaml"))
+                if not cls.misfits(cfg, cls.settings_from(cfg), shape):
+                    fitting.append(name)
+            except Exception:  # noqa: BLE001  a recipe that does not even load does not fit
+                continue
+        return sorted(fitting, key=lambda name: name != "demo_toy")  # the demo's recipe (toy world) first
 
     # ---- model -----------------------------------------------------------------------------
     def load_frozen_clip(self):
@@ -137,7 +185,8 @@ class ClipPromptTrainer(CheckpointedTrainer):
         backbone = self.cfg.MODEL.BACKBONE
         print(f"Loading CLIP (backbone: {backbone.NAME}{', file: ' + backbone.PATH if backbone.PATH else ''})")
         clip_model = load_clip(backbone.NAME, backbone.PATH, backbone.DOWNLOAD_ROOT or None)
-        check_input_size(self.cfg, clip_model.visual.input_resolution)
+        # the run record keeps it: a resumed run must use the weights it started with
+        self.backbone_fingerprint = tensors_fingerprint(clip_model.state_dict().items())
         return clip_model.to(self.device)
 
     def frozen_class_features(self, clip_model, settings):
@@ -169,7 +218,7 @@ class ClipPromptTrainer(CheckpointedTrainer):
         settings = self.settings_from(cfg)
         clip_model = self.load_frozen_clip()
         self.backbone_fingerprint = weights_fingerprint(clip_model)  # of the fp32 weights, as predict loads them
-        self.validate_for(settings, backbone_shape(clip_model))  # a local file's shape is known now
+        self.check_fit(cfg, settings, backbone_shape(clip_model))  # a local file's shape is known now
         frozen_text_features = self.frozen_class_features(clip_model, settings)
         self.to_compute_precision(clip_model)
         self.model = self.spec.model(clip_model, settings, self.dm.dataset.classnames, frozen_text_features)
