@@ -127,9 +127,7 @@ class CoOpDataset(DatasetBase):
 
     def __init__(self, cfg):
         self.cfg = cfg
-        root = os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT))
-        self.dataset_dir = require(os.path.join(root, type(self).dataset_dir),
-                                   f"the folder of DATASET.NAME={type(self).__name__}")
+        self.dataset_dir = self.dataset_folder(cfg)
         self.image_dir = os.path.join(self.dataset_dir, type(self).image_dir)
         train, val, test = self.read_splits()
         train, val = self.few_shot(cfg, train, val)
@@ -146,6 +144,13 @@ class CoOpDataset(DatasetBase):
             self._lab2cname = dict(enumerate(self.all_classnames))
             self._num_classes = len(self.all_classnames)
 
+    def dataset_folder(self, cfg) -> str:
+        root = os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT))
+        return require(os.path.join(root, type(self).dataset_dir), f"the folder of DATASET.NAME={type(self).__name__}")
+
+    def few_shot_cache(self) -> FewShotCache:
+        return FewShotCache(self.dataset_dir, cache_root())
+
     def read_splits(self):
         path = require(os.path.join(self.dataset_dir, self.split_file),
                        f"CoOp's split file {self.split_file} for {type(self).__name__}")
@@ -158,7 +163,7 @@ class CoOpDataset(DatasetBase):
         # DATASET.* keys only (as CoOp's classes), so the datasets build under a stock Dassl
         # config too: the fallback for a read-only data folder is $VLPROMPT_CACHE or ~/.cache/vlprompt
         allow_fewer = bool(cfg.DATASET.get("ALLOW_FEWER_SHOTS", False))
-        cache = FewShotCache(self.dataset_dir, cache_root())
+        cache = self.few_shot_cache()
         data = cache.load(shots, cfg.SEED)
         if data is None:
             train = self.generate_fewshot_dataset(train, num_shots=shots)

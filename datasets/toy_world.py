@@ -81,6 +81,23 @@ def write_descriptions(path: str, class_set: ClassSet) -> None:
         json.dump(class_descriptions(class_set), handle, indent=1)
 
 
+def write_image_folder(folder: str, n_classes: int = 0, per_class: int = 36, seed: int = 105) -> str:
+    """ToyObjects' photos as a folder of class folders (`<folder>/<class_name>/NNN.png`), the
+    layout of DATASET.NAME ImageFolder, and `<folder>/classes.txt` naming the classes in the toy
+    world's order (its first half are the base classes, as in ToyObjects); `n_classes` 0 = all 36."""
+    class_set = CLASS_SETS["ToyObjects"]
+    names = class_set.classnames[:n_classes or None]
+    rng = np.random.default_rng(seed)
+    for label, classname in enumerate(names):
+        os.makedirs(os.path.join(folder, classname.replace(" ", "_")), exist_ok=True)
+        for i in range(per_class):
+            image = render(sample_class_scene(class_set, label, rng, SOURCE), rng)
+            Image.fromarray(image).save(os.path.join(folder, classname.replace(" ", "_"), f"{i:03d}.png"))
+    with open(os.path.join(folder, "classes.txt"), "w", encoding="utf-8") as handle:
+        handle.writelines(f"{name.replace(' ', '_')} {name}\n" for name in names)
+    return folder
+
+
 def write_toy_world(root: str, names=tuple(TOY_DATASETS)) -> Dict[str, str]:
     return {name: write_toy_dataset(root, name) for name in names}
 
@@ -90,7 +107,14 @@ def main(argv=None) -> int:
     parser.add_argument("root", help="the data root (DATA): the dataset folders go inside it")
     parser.add_argument("--dataset", nargs="+", default=list(TOY_DATASETS), metavar="NAME",
                         help=f"which datasets (default: all of {', '.join(TOY_DATASETS)})")
+    parser.add_argument("--image-folder", action="store_true",
+                        help="write ToyObjects' photos into ROOT as class folders instead (DATASET.NAME "
+                             "ImageFolder's layout, with ROOT/classes.txt in the toy world's class order)")
+    parser.add_argument("--classes", type=int, default=0, help="--image-folder: the first N classes (default all 36)")
     args = parser.parse_args(argv)
+    if args.image_folder:
+        print(f"ToyObjects as class folders: {write_image_folder(args.root, args.classes)}")
+        return 0
     unknown = [n for n in args.dataset if n not in TOY_DATASETS]
     if unknown:
         print(f"--dataset {' '.join(unknown)}: unknown; choose from {', '.join(TOY_DATASETS)}", file=sys.stderr)

@@ -70,6 +70,11 @@ echo "== the comparison report (SYNTHETIC data: not comparable with published re
 python -m vlprompt.report --task base2new --output "$OUTPUT" --datasets "$DATASET" --seeds $SEEDS \
     --method CLIP=ZeroshotCLIP/$CFG $(for m in $TRAINED; do printf -- "--method %s/%s " "$m" "$CFG"; done) \
     --out "$DEMO/report" 2>&1 | grep -v -e "^Saved" -e "^Mean ± std over seeds" -e "^note: SYNTHETIC"
+NEW_CLASSES=$(python -c "from vlprompt.toyworld.world import CLASS_SETS; print(','.join(CLASS_SETS['ToyObjects'].classnames[18:]))")
+IMAGE="$DATA/toy_objects/images/$(echo "${NEW_CLASSES%%,*}" | tr " " _)/test_000.png"
+echo "== one prediction: $SHOWN (seed ${SEEDS%% *}) on a new class's image, the 18 new class names given on the command line"
+python -m vlprompt.predict "$OUTPUT/base2new/train_base/$DATASET/shots_16/$SHOWN/$CFG/seed${SEEDS%% *}" "$IMAGE" \
+    --classes "$NEW_CLASSES" --topk 3
 echo
 echo "Chance is 1/18 = 5.6% on each half. Took $((SECONDS - START)) s."
 echo "Run folders (log.txt, checkpoints): $OUTPUT/base2new/{train_base,test_base,test_new}/$DATASET/shots_16/<method>/$CFG/seed<N>"

@@ -7,6 +7,9 @@
 - a non-finite loss stops the run with the step, the precision and what to try, instead of
   training on garbage; amp's skipped steps are counted in the log.
 
+A checkpoint also carries `info`, what rebuilds the model from it alone (the method and its
+settings, backbone, input transform and class names: vlprompt.load_classifier reads it).
+
 Dassl's own save/load pickle whole models and scheduler objects and write in place; here the
 registered modules' state goes to Dassl's usual file names (`<name>/model-best.pth.tar`,
 `<name>/model.pth.tar-N`, `<name>/checkpoint`), and `<name>/resume.pth.tar` keeps the optimizer,
@@ -93,6 +96,9 @@ class CheckpointedTrainer(TrainerX):
         if cfg.DATASET.SUBSAMPLE_CLASSES not in ("all", "base", "new"):
             raise InvalidValue(f"DATASET.SUBSAMPLE_CLASSES={cfg.DATASET.SUBSAMPLE_CLASSES!r} is invalid: "
                              f"must be all, base or new")
+        check_data = getattr(DATASET_REGISTRY.get(cfg.DATASET.NAME), "check_cfg", None)
+        if check_data is not None:  # a dataset of the user's own images: bad data stops the run here
+            check_data(cfg)
 
     def build_data_loader(self, **custom_transforms):
         for line in device_report(self.device, torch.cuda.device_count() if torch.cuda.is_available() else 0):
@@ -155,12 +161,18 @@ class CheckpointedTrainer(TrainerX):
                 "epoch": epoch + 1,
                 "val_result": val_result,
                 "scheduler": self._scheds[name].state_dict() if self._scheds[name] else None,
+                "info": self.checkpoint_info(),
             }
             file_name = model_name or f"model.pth.tar-{epoch + 1}"
             path = osp.join(directory, name, file_name)
             atomic_torch_save(state, path)
             atomic_write_text(osp.join(directory, name, "checkpoint"), file_name + "\n")
             print(f"Checkpoint saved to {path}")
+
+    def checkpoint_info(self) -> dict:
+        """What rebuilds the model without the run's config or data (plain values: weights_only
+        loading reads them); subclasses say it (ClipPromptTrainer). Default: nothing."""
+        return {}
 
     def save_resume_state(self, epoch):
         """Everything needed to continue after `epoch` exactly: weights, optimizer, schedule,

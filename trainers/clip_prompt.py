@@ -12,6 +12,7 @@
   reuses frozen image features of val/test images across passes, seeds and configs (on disk).
 The model contract is vlprompt.methods.base.PromptModel.
 """
+import dataclasses
 import os
 import os.path as osp
 
@@ -25,9 +26,11 @@ from tqdm import tqdm
 from vlprompt.clip.class_features import ClassFeatureStore, DescriptionsError, frozen_class_features
 from vlprompt.clip.encoders import PromptedTextEncoder
 from vlprompt.clip.image_features import ImageFeatureCache
-from vlprompt.clip.loading import architecture_shape, backbone_shape, cast_clip, load_clip
+from vlprompt.clip.loading import architecture_shape, backbone_shape, cast_clip, load_clip, weights_fingerprint
 from vlprompt.errors import InvalidValue, UserError
-from vlprompt.files import CheckpointError, cache_root, load_strict, read_checkpoint, tensors_fingerprint, written_by
+from vlprompt.files import (CheckpointError, atomic_torch_save, cache_root, load_strict, read_checkpoint,
+                            tensors_fingerprint, written_by)
+from vlprompt.model_card import INFO_FORMAT, input_info, plain
 from vlprompt.methods import settings as method_settings
 from vlprompt.methods.registry import ConfigLayout, MethodSpec, lookup
 
@@ -217,6 +220,7 @@ class ClipPromptTrainer(CheckpointedTrainer):
         cfg = self.cfg
         settings = self.settings_from(cfg)
         clip_model = self.load_frozen_clip()
+        self.backbone_fingerprint = weights_fingerprint(clip_model)  # of the fp32 weights, as predict loads them
         self.check_fit(cfg, settings, backbone_shape(clip_model))  # a local file's shape is known now
         frozen_text_features = self.frozen_class_features(clip_model, settings)
         self.to_compute_precision(clip_model)
@@ -234,6 +238,7 @@ class ClipPromptTrainer(CheckpointedTrainer):
         self.model.to(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "amp" else None
         if not self.spec.trains:
+            self.save_description()
             return
         n_params = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
         print(f"Trainable parameters: {n_params:,} (frozen CLIP excluded from checkpoints)")
@@ -244,6 +249,33 @@ class ClipPromptTrainer(CheckpointedTrainer):
             self.optim.defaults["eps"] = cfg.OPTIM.EPS
         self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
         self.register_model(self.spec.checkpoint_folder, trainable, self.optim, self.sched)
+
+    def checkpoint_info(self) -> dict:
+        """The method, its settings and precision, the backbone (name, file, fingerprint of its
+        weights), the test transform, the class names and texts: vlprompt.load_classifier
+        rebuilds the model from a checkpoint with this and nothing else."""
+        cfg, settings = self.cfg, self.settings_from(self.cfg)
+        texts = self.spec.class_texts(settings, cfg.DATASET.NAME) if self.spec.class_texts else None
+        descriptions = descriptions_path(cfg) if texts is not None and texts.descriptions else ""
+        backbone = cfg.MODEL.BACKBONE
+        return plain({
+            "format": INFO_FORMAT, "method": self.spec.name, "trainer": cfg.TRAINER.NAME,
+            "settings": dataclasses.asdict(settings),
+            "precision": self.precision,
+            "backbone": {"name": backbone.NAME, "path": osp.abspath(backbone.PATH) if backbone.PATH else "",
+                         "download_root": backbone.DOWNLOAD_ROOT, "fingerprint": self.backbone_fingerprint},
+            "input": input_info(cfg.INPUT),
+            "classnames": list(self.dm.dataset.classnames),
+            "dataset": cfg.DATASET.NAME,
+            "descriptions": osp.abspath(descriptions) if descriptions and osp.isfile(descriptions) else "",
+        })
+
+    def save_description(self):
+        """An evaluation-only method (zero-shot CLIP) saves no weights; its run folder still gets
+        a checkpoint holding `info` alone, so that load_classifier and predict take the run too."""
+        path = osp.join(self.output_dir, self.spec.checkpoint_folder, "model-best.pth.tar")
+        atomic_torch_save({"format": "vlprompt-trainable-1", "state_dict": {}, "epoch": 0,
+                           "info": self.checkpoint_info()}, path)
 
     def load_state_for(self, name, path):
         """Our checkpoints, or the release's (key names converted by the method's descriptor; a

@@ -41,6 +41,11 @@ def extend_cfg(cfg: CN) -> CN:
     cfg.DATASET.DESCRIPTIONS_FILE = ""
     # True: no descriptions file is an error (the paper's setting guaranteed), not the templates
     cfg.DATASET.REQUIRE_DESCRIPTIONS = False
+    # DATASET.NAME ImageFolder (your own images, datasets/image_folder.py): a folder of class
+    # folders, or a .csv/.json list of (path, label); absolute or relative to DATASET.ROOT ("" = the
+    # root itself). CLASSNAMES_FILE: "<folder> <class name>" lines, in label order ("" = folder names).
+    cfg.DATASET.IMAGE_FOLDER = ""
+    cfg.DATASET.CLASSNAMES_FILE = ""
     # Few-shot runs: a class with fewer training images than NUM_SHOTS is refused (the run would be
     # labelled with shots it did not use); True trains on the images there are and says how many.
     cfg.DATASET.ALLOW_FEWER_SHOTS = False

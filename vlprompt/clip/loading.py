@@ -130,6 +130,13 @@ def load_clip(name: str, path: str = "", download_root: Optional[str] = None) ->
     return freeze(model)
 
 
+def weights_fingerprint(clip_model: nn.Module) -> str:
+    """sha256 of a CLIP model's weights (names, shapes, dtypes, bytes) as loaded in fp32: which
+    weights a run used, whatever file format held them."""
+    from ..files import tensors_fingerprint
+    return tensors_fingerprint(clip_model.state_dict().items())
+
+
 def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)

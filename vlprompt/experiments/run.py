@@ -7,8 +7,10 @@ when unfinished, check what it needs first, then call train.py.
     python -m vlprompt.run few_shot HiCroPL caltech101 16 1
     python -m vlprompt.run base2new ZeroshotCLIP caltech101 / xd ZeroshotCLIP dtd   (evaluation-only methods)
     python -m vlprompt.run train EdgeCNN fer2013 1
+    python -m vlprompt.run base2new_train HiCroPL path/to/my_dataset.yaml 1   (a dataset YAML of your own)
 
-The environment gives what CoOp's scripts read from it: DATA (the datasets' folder, required),
+The environment gives what CoOp's scripts read from it: DATA (the datasets' folder, required;
+not read for a dataset given as a YAML path, whose root is its DATASET.ROOT or else its folder),
 OUTPUT (default `output`), CFG (a config name under configs/trainers/<method>/ or a .yaml path;
 default: the method's config for the task), SOURCE (xd_test: the dataset trained on, default
 imagenet), LOADEP (xd_test: the epoch to load, default the config's MAX_EPOCH) and PYTHON. The
@@ -19,7 +21,7 @@ import os
 import runpy
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import layout, record
@@ -65,6 +67,7 @@ class Context:
     data: str
     output: str
     scripts_folder: str = ""  # set when called through scripts/<folder>/*.sh
+    dataset_files: Dict[str, str] = field(default_factory=dict)  # folder name -> a dataset YAML given as a path
 
     def command(self, task: str, *args: str) -> str:
         """How a user runs `task`, in the form they used (a script or this module)."""
@@ -73,6 +76,8 @@ class Context:
         return " ".join(["python -m vlprompt.run", task, self.spec.name, *args])
 
     def dataset_config(self, dataset: str) -> str:
+        if dataset in self.dataset_files:
+            return self.dataset_files[dataset]
         path = os.path.join(REPO, "configs", "datasets", f"{dataset}.yaml")
         if not os.path.isfile(path):
             raise UsageError(f"unknown dataset {dataset!r}: no {path} (known: {', '.join(layout.known_datasets(REPO))})")
@@ -101,6 +106,17 @@ def resolve_config(spec: MethodSpec, family: str, dataset: str, cfg: str) -> Tup
         raise UsageError(f"CFG={cfg}: no {path} (configs of {spec.name}: {', '.join(known) or 'none'}); "
                          f"give a name from there or a path to a .yaml file")
     return cfg, path
+
+
+def yaml_data_root(path: str) -> str:
+    """The data root of a dataset given as a YAML path: its DATASET.ROOT if it sets one, else the
+    file's folder (paths in the file, such as DATASET.IMAGE_FOLDER, read from where the file is,
+    whatever DATA says)."""
+    import yaml
+    with open(path) as handle:
+        config = yaml.safe_load(handle) or {}
+    root = str((config.get("DATASET") or {}).get("ROOT") or "")
+    return os.path.join(os.path.dirname(path), os.path.expanduser(root))
 
 
 def config_max_epoch(path: str) -> str:
@@ -134,7 +150,7 @@ def plan(ctx: Context, args: Sequence[str], env) -> List[Job]:
                     ctx.train_args(dataset, seed, "DATASET.NUM_SHOTS", str(SHOTS)))]
     if task == "xd_test":
         dataset, seed = args
-        source = env.get("SOURCE") or "imagenet"
+        source = layout.config_name(env.get("SOURCE") or "imagenet")  # a dataset YAML's runs: by its stem
         model_dir = layout.xd_train(out, source, name, cfg, int(seed))
         epoch = env.get("LOADEP") or config_max_epoch(ctx.config_file)
         return [Job(layout.xd_test(out, dataset, name, cfg, int(seed)), "test",
@@ -193,11 +209,18 @@ def parse(argv: Sequence[str], env) -> Tuple[Context, List[str], List[str]]:
             raise UsageError(f"{name} must be an integer, got {value!r}")
     check_task(spec, task)
     data = env.get("DATA", "")
+    dataset_files = {}
+    if positional[0].endswith((".yaml", ".yml")):  # your own dataset's YAML: runs are named by its stem
+        if not os.path.isfile(positional[0]):
+            raise UsageError(f"dataset config {positional[0]}: no such file")
+        dataset_files[layout.config_name(positional[0])] = os.path.abspath(positional[0])
+        positional[0] = layout.config_name(positional[0])
+        data = yaml_data_root(dataset_files[positional[0]])
     if not data:
         raise UsageError("Set DATA to the folder that holds your datasets (CoOp's layout, see README: Datasets), "
                          "e.g.  export DATA=/data/coop_datasets")
     cfg_name, config_file = resolve_config(spec, TASKS[task][1], positional[0], env.get("CFG", ""))
-    ctx = Context(spec, task, cfg_name, config_file, data, env.get("OUTPUT") or "output", scripts_folder)
+    ctx = Context(spec, task, cfg_name, config_file, data, env.get("OUTPUT") or "output", scripts_folder, dataset_files)
     return ctx, positional, options
 
 

@@ -95,29 +95,29 @@ class Grid:
             for d in self.datasets:
                 for s in self.seeds:
                     train = self.run(f"base2new_train/{d}/seed{s}", "base2new_train", (d, s),
-                                     [(layout.base2new(out, "train_base", d, t, cfg, s), "train")])
+                                     [(layout.base2new(out, "train_base", layout.config_name(d), t, cfg, s), "train")])
                     runs += [train, self.run(f"base2new_test/{d}/seed{s}", "base2new_test", (d, s),
-                                             [(layout.base2new(out, "test_new", d, t, cfg, s), "test")], [train.key])]
+                                             [(layout.base2new(out, "test_new", layout.config_name(d), t, cfg, s), "test")], [train.key])]
         elif self.task in ("xd", "dg"):
             for s in self.seeds:
                 train = self.run(f"xd_train/{self.source}/seed{s}", "xd_train", (self.source, s),
-                                 [(layout.xd_train(out, self.source, t, cfg, s), "train")])
+                                 [(layout.xd_train(out, layout.config_name(self.source), t, cfg, s), "train")])
                 runs.append(train)
                 runs += [self.run(f"xd_test/{d}/seed{s}", "xd_test", (d, s),
-                                  [(layout.xd_test(out, d, t, cfg, s), "test")], [train.key]) for d in self.datasets]
+                                  [(layout.xd_test(out, layout.config_name(d), t, cfg, s), "test")], [train.key]) for d in self.datasets]
         else:
             runs = [self.run(f"fewshot/{d}/{k}shots/seed{s}", "few_shot", (d, k, s),
-                             [(layout.few_shot(out, d, t, cfg, k, s), "train")])
+                             [(layout.few_shot(out, layout.config_name(d), t, cfg, k, s), "train")])
                     for d in self.datasets for k in self.shots for s in self.seeds]
         return runs
 
     def _evaluation_only(self) -> List[Run]:
         out, t, cfg = self.output, self.trainer, self.cfg
         if self.task == "base2new":
-            return [self.run(f"{t}/{d}", "base2new", (d,), [(layout.base2new(out, f"test_{half}", d, t, cfg, 1), "test")
+            return [self.run(f"{t}/{d}", "base2new", (d,), [(layout.base2new(out, f"test_{half}", layout.config_name(d), t, cfg, 1), "test")
                                                              for half in ("base", "new")]) for d in self.datasets]
         if self.task in ("xd", "dg"):
-            return [self.run(f"{t}/{d}", "xd", (d,), [(layout.eval_only(out, d, t, cfg), "test")]) for d in self.datasets]
+            return [self.run(f"{t}/{d}", "xd", (d,), [(layout.eval_only(out, layout.config_name(d), t, cfg), "test")]) for d in self.datasets]
         raise SweepError(f"{t} has no few-shot task: it trains nothing")
 
 
@@ -125,9 +125,12 @@ def datasets_and_source(task: str, names: List[str], source: Optional[str]) -> T
     """--datasets all / toy expand to the task's datasets (and, unless --source is given, their
     source; else the papers' source); names must be datasets the runs know."""
     keyword_source, datasets = layout.expand_datasets(task, names)
+    datasets = [os.path.abspath(d) if d.endswith((".yaml", ".yml")) else d for d in datasets]  # runs start elsewhere
     source = source or keyword_source or layout.keyword_datasets(task, "all")[0]
+    source = os.path.abspath(source) if source.endswith((".yaml", ".yml")) else source
     known = layout.known_datasets(REPO)
-    unknown = [d for d in datasets + ([source] if task in ("xd", "dg") else []) if d not in known]
+    unknown = [d for d in datasets + ([source] if task in ("xd", "dg") else [])
+               if d not in known and not (d.endswith((".yaml", ".yml")) and os.path.isfile(d))]  # or your own's YAML
     if unknown:
         raise SweepError(f"unknown dataset(s) {', '.join(unknown)}: no configs/datasets/<name>.yaml. Known: "
                          f"{', '.join(known)}; or --datasets {' / '.join(layout.DATASET_KEYWORDS)}")
@@ -345,8 +348,9 @@ def main(argv=None) -> int:
     todo = [r for r in runs if not r.finished(args.options, env)]
     print(f"{args.task} / {args.trainer} / {grid.cfg}: {len(runs)} runs, {len(runs) - len(todo)} finished "
           f"already, {len(todo)} to run")
+    needs_data = not all(d.endswith((".yaml", ".yml")) for d in datasets + ([source] if args.task in ("xd", "dg") else []))  # a YAML's runs: its own root
     if args.dry_run:
-        if not args.data:
+        if not args.data and needs_data:
             print("warning: DATA is not set (nor --data): the runs below would find no dataset", file=sys.stderr)
         exported = " ".join(f"{k}={v}" for k, v in env.items() if k != "PYTHONUNBUFFERED")
         for run in runs:
@@ -355,7 +359,7 @@ def main(argv=None) -> int:
         return 0
     if not todo:
         return 0
-    if not args.data:
+    if not args.data and needs_data:
         raise SweepError("set --data or DATA to the folder that holds your datasets")
     os.makedirs(args.folder, exist_ok=True)
     if args.executor == "slurm":
