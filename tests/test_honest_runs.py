@@ -105,25 +105,61 @@ def test_a_finished_run_is_skipped_only_with_its_own_options(finished_run, capsy
 
 
 @requires_dassl
+def test_restart_reruns_a_finished_run_from_scratch(finished_run, monkeypatch, capsys):
+    from vlprompt.experiments import run
+    folder, env, options, _ = finished_run
+    calls = []
+    monkeypatch.setattr(run, "train_here", lambda args: calls.append(args) or 0)
+    assert run.main([*COOP_ARGS, *options, "OPTIM.LR", "0.1", "--restart"], env, last_job_here=True) == 0
+    assert f"Discarding the run in {folder} and starting over (--restart)" in capsys.readouterr().out
+    assert calls[0][:3] == ["--restart", "--output-dir", str(folder)] and calls[0][-2:] == ["OPTIM.LR", "0.1"]
+
+
+@requires_dassl
+def test_the_sweep_counts_a_run_finished_only_with_the_same_request(finished_run):
+    from vlprompt.experiments import sweep
+    folder, env, options, _ = finished_run
+    grid = sweep.Grid("base2new", "CoOp", "vit_b16_ctxv1", env["OUTPUT"], ["caltech101"], [1])
+    train = grid.expand()[0]
+    job_env = sweep.job_env(grid, env["DATA"], "vit_b16_ctxv1")
+    assert train.outputs[0][0] == str(folder)
+    assert train.finished(options, job_env)
+    assert not train.finished([*options, "OPTIM.LR", "0.1"], job_env)  # left to vlprompt.run, which refuses it
+
+
+@requires_dassl
 def test_an_unfinished_run_is_not_resumed_with_other_options(finished_run, tmp_path):
     """train.py itself (the entry of every resume) refuses before writing anything; --restart passes."""
     import train
     folder, env, options, _ = finished_run
     unfinished = tmp_path / "seed1"
     unfinished.mkdir()
-    (unfinished / "run.json").write_text((folder / "run.json").read_text())  # started, no epoch finished
+    (unfinished / "run.json").write_text((folder / "run.json").read_text())
+    (unfinished / "prompt_learner").mkdir()
+    (unfinished / "prompt_learner" / "resume.pth.tar").write_bytes(b"")  # its first epoch was saved
     argv = json.loads((folder / "run.json").read_text())["request"]["argv"]
     argv[argv.index("--output-dir") + 1] = str(unfinished)
     with pytest.raises(Exception) as refused:
         train.main(train.build_parser().parse_args(argv + ["OPTIM.LR", "0.1"]))
     assert type(refused.value).__name__ == "ChangedRun"
     assert "holds an unfinished run made with other options: OPTIM.LR 0.002 -> 0.1" in str(refused.value)
-    assert sorted(p.name for p in unfinished.iterdir()) == ["run.json"]
+    assert sorted(p.name for p in unfinished.iterdir()) == ["prompt_learner", "run.json"]
     args = train.build_parser().parse_args(["--restart"] + argv + ["OPTIM.LR", "0.1"])
     assert train.check_record(train.setup_cfg(args), args) == (None, None)
+    (unfinished / ".lock").write_text("{}")
+    train.discard_run(str(unfinished))  # what --restart does under the lock
+    assert sorted(p.name for p in unfinished.iterdir()) == [".lock"]
+    (unfinished / ".lock").unlink()
+    args = train.build_parser().parse_args(argv + ["OPTIM.LR", "0.1"])
+    assert train.check_record(train.setup_cfg(args), args) == (None, None)  # nothing saved: no refusal
+    (unfinished / "run.json").write_text((folder / "run.json").read_text())
+    (unfinished / "prompt_learner").mkdir()
+    (unfinished / "prompt_learner" / "resume.pth.tar").write_bytes(b"")
     args = train.build_parser().parse_args(argv + ["DATALOADER.TEST.BATCH_SIZE", "7"])  # batch-independent
     previous, changes = train.check_record(train.setup_cfg(args), args)
-    assert previous is not None and [c[0] for c in changes.harmless] == ["DATALOADER.TEST.BATCH_SIZE", "OUTPUT_DIR"]
+    # (other TRAINER nodes, from methods registered since, are not read by CoOp: harmless too)
+    assert previous is not None and [c[0] for c in changes.harmless if not c[0].startswith("TRAINER.")] == \
+        ["DATALOADER.TEST.BATCH_SIZE", "OUTPUT_DIR"]
 
 
 # ---- item 3: what used to succeed silently -------------------------------------------------------
