@@ -1,6 +1,7 @@
 """Helpers shared by the test files (fixtures live in conftest.py): tiny models and inputs, train.py
 command lines, hand-written Dassl logs, and the half-precision tolerance."""
 import functools
+import glob
 import importlib.util
 import os
 import re
@@ -203,25 +204,51 @@ def release_state_dict(model, clip_model):
 # ---- numbers frozen from the official releases (tests/fixtures/releases/*.pt) --------------------
 # A fixture holds the release's trainable state under the release's own key names; tensors larger
 # than the generator's store limit (MaPLe's 512->768 projections) are not stored but rebuilt from
-# the same seeded rule, and checked against the recorded sha256.
+# the same seeded rule, and checked against the recorded sha256. The fixtures are found by pattern:
+# a method's `<method>_release.py` description makes `<method>.pt`, and the shared tests check it.
 FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "releases")
-CLIP_METHODS = ("coop", "cocoop", "ivlp", "maple", "promptsrc")
-ALL_FIXTURES = CLIP_METHODS + ("cmpa", "edgecnn")
+FIXTURE_PATTERN = "*.pt"
+
+
+def fixture_methods(directory: str = FIXTURE_DIR) -> tuple:
+    """The method (file stem) of every release fixture in `directory`, sorted."""
+    return tuple(sorted(os.path.basename(path)[:-len(".pt")]
+                        for path in glob.glob(os.path.join(directory, FIXTURE_PATTERN))))
+
+
+def clip_fixture_methods(directory: str = FIXTURE_DIR) -> tuple:
+    """The fixtures whose cases hold the release's numbers ("results": logits, losses, gradients
+    on the tiny CLIP); not the layout-only ones (cmpa) nor EdgeCNN's."""
+    return tuple(method for method in fixture_methods(directory)
+                 if any("results" in case for case in load_fixture(method, directory).get("cases", {}).values()))
 
 
 @functools.lru_cache(maxsize=None)
 def generator():
     """The generator script as a module, for its seeded rules (it imports only numpy and torch
-    at module level; the releases are imported in its worker processes only)."""
+    at module level; the releases are imported in its worker processes only). Registered as
+    `make_fixtures`, the name the release descriptions import it by."""
+    if "make_fixtures" in sys.modules:
+        return sys.modules["make_fixtures"]
     spec = importlib.util.spec_from_file_location("make_fixtures", os.path.join(FIXTURE_DIR, "make_fixtures.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules["make_fixtures"] = module
     spec.loader.exec_module(module)
     return module
 
 
+def release_description_module(name: str):
+    """tests/fixtures/releases/<name>_release.py as a module (its helpers, e.g. EdgeCNN's seeded state)."""
+    return generator().description_module(os.path.join(FIXTURE_DIR, f"{name}_release.py"))
+
+
 @functools.lru_cache(maxsize=None)
-def load_fixture(method: str) -> dict:
-    return torch.load(os.path.join(FIXTURE_DIR, f"{method}.pt"), map_location="cpu", weights_only=True)
+def load_fixture(method: str, directory: str = FIXTURE_DIR) -> dict:
+    return torch.load(os.path.join(directory, f"{method}.pt"), map_location="cpu", weights_only=True)
+
+
+ALL_FIXTURES = fixture_methods()
+CLIP_METHODS = clip_fixture_methods()
 
 
 def seeded_state(spec: Dict[str, dict], seed: int) -> Dict[str, torch.Tensor]:

@@ -1,9 +1,11 @@
 """The sweep: grid expansion, dry run, submitit's local executor on a tiny grid (skip, resume),
 and the Slurm submission it generates (checked without a cluster)."""
 import os
+import re
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -185,3 +187,23 @@ def test_a_job_gives_each_of_its_runs_its_own_gpu(monkeypatch):
     fail = [sys.executable, "-c", "import sys; sys.exit('broken run')"]
     with pytest.raises(RuntimeError, match="exited with 1:\nbroken run"):
         sweep.execute_runs([show, fail], {})
+
+
+def test_packed_runs_with_long_outputs_run_at_the_same_time(monkeypatch, tmp_path, capsys):
+    """Four runs of one job, each printing 1 MiB and then working for 3 s: all finish printing
+    within the first seconds (read through pipes one after another, run k waited for runs 1..k-1:
+    at least 3 s apart each), and each run's output is in its own log."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    stamp = tmp_path / "stamps"
+    stamp.mkdir()
+    code = ("import os, sys, time; sys.stdout.write('x' * 2**20 + '\\n'); sys.stdout.flush(); "
+            f"open(os.path.join({str(stamp)!r}, os.environ['CUDA_VISIBLE_DEVICES']), 'w').write(repr(time.time())); "
+            "time.sleep(3); print('done')")
+    started = time.time()
+    out = sweep.execute_runs([[sys.executable, "-c", code]] * 4, {})
+    printed = [float((stamp / gpu).read_text()) for gpu in "0123"]
+    assert max(printed) - started < 2.5, [round(t - started, 2) for t in printed]
+    assert time.time() - started < 8  # one run's 3 s, not four
+    assert out.count("done") == 4
+    logs = re.findall(r"^== .* \(log (.+)\)$", capsys.readouterr().out, re.M)
+    assert len(set(logs)) == 4 and all(os.path.getsize(log) > 2**20 for log in logs)

@@ -27,7 +27,7 @@ from vlprompt.clip.encoders import PromptedTextEncoder
 from vlprompt.clip.image_features import ImageFeatureCache
 from vlprompt.clip.loading import architecture_shape, backbone_shape, cast_clip, load_clip
 from vlprompt.errors import InvalidValue, UserError
-from vlprompt.files import cache_root, load_strict, read_checkpoint, tensors_fingerprint
+from vlprompt.files import CheckpointError, cache_root, load_strict, read_checkpoint, tensors_fingerprint, written_by
 from vlprompt.methods import settings as method_settings
 from vlprompt.methods.registry import ConfigLayout, MethodSpec, lookup
 
@@ -247,7 +247,12 @@ class ClipPromptTrainer(CheckpointedTrainer):
         weights = state.get("state_dict", state)
         if release is not None and release.recognizes(weights):
             print(f"{path} is a checkpoint of the official release: converting its key names")
-            return {**state, "state_dict": release.convert(weights), "epoch": state.get("epoch")}
+            try:
+                converted = release.convert(weights)
+            except (KeyError, ValueError) as err:  # a release file of another method (same folder name)
+                raise CheckpointError(f"{path} is not a {self.spec.name} release checkpoint ({err.args[0]}). "
+                                      f"{written_by(weights, path)}") from err
+            return {**state, "state_dict": converted, "epoch": state.get("epoch")}
         return state
 
     def train(self):

@@ -61,13 +61,15 @@ def extend_cfg(cfg: CN) -> CN:
 
 
 def config_claims() -> dict:
-    """{path under TRAINER: [(default, has a legacy converter)]} over every registered trainer."""
+    """{path under TRAINER: [(default, has a legacy converter or a per-dataset default)]} over every
+    registered trainer."""
     claims = {}
     for spec in methods():
         for name, layout in spec.trainer_names():
             for setting in fields(spec.settings):
                 claims.setdefault(layout.path(setting.name), []).append(
-                    (layout.default(setting.name, spec.settings), setting.name in layout.legacy))
+                    (layout.default(setting.name, spec.settings),
+                     setting.name in layout.legacy or setting.name in layout.per_dataset))
             if issubclass(TRAINER_REGISTRY.get(name), ClipPromptTrainer):
                 claims.setdefault(layout.path("prec"), []).append(("fp16", False))  # fp32 | fp16 | bf16 | amp
     return claims

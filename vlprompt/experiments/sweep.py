@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -133,26 +134,34 @@ def datasets_and_source(task: str, names: List[str], source: Optional[str]) -> T
     return datasets, source
 
 
-def execute_runs(commands: List[List[str]], env: Dict[str, str]) -> str:
+def execute_runs(commands: List[List[str]], env: Dict[str, str], log_dir: Optional[str] = None) -> str:
     """The job (runs in the submitit worker): task script calls, all at once. A Slurm job that
-    holds N GPUs runs N calls, one GPU each (a run uses one GPU, so none idles)."""
+    holds N GPUs runs N calls, one GPU each (a run uses one GPU, so none idles). Each run writes
+    its output to its own file (`log_dir`, default a new temporary folder): read through pipes one
+    after another, runs 2..N would stall as soon as their pipe filled. The files are copied to
+    the job's own output once all have ended."""
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
     if len(commands) > 1 and len(gpus) < len(commands):
         raise RuntimeError(f"{len(commands)} runs packed into a job that sees {len(gpus)} GPU(s) "
                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
-    procs = []
+    log_dir = log_dir or tempfile.mkdtemp(prefix="sweep-runs-")
+    os.makedirs(log_dir, exist_ok=True)
+    procs, logs = [], []
     for index, command in enumerate(commands):
         run_env = {**os.environ, **env, **({"CUDA_VISIBLE_DEVICES": gpus[index]} if len(commands) > 1 else {})}
-        procs.append(subprocess.Popen(command, env=run_env, cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        logs.append(os.path.join(log_dir, f"run{index}.log"))
+        with open(logs[-1], "w") as log:  # the child keeps its own descriptor
+            procs.append(subprocess.Popen(command, env=run_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL))
     failures, outputs = [], []
-    for command, proc in zip(commands, procs):
-        stdout, stderr = proc.communicate()
-        sys.stdout.write(stdout)
-        sys.stderr.write(stderr)
-        outputs.append(stdout[-500:])
+    for command, proc, log in zip(commands, procs, logs):
+        proc.wait()
+        with open(log, errors="replace") as f:
+            output = f.read()
+        sys.stdout.write(f"== {' '.join(command)} (log {log})\n{output}")
+        outputs.append(output[-500:])
         if proc.returncode != 0:
-            failures.append(f"{' '.join(command)} exited with {proc.returncode}:\n{stderr[-2000:]}")
+            failures.append(f"{' '.join(command)} exited with {proc.returncode}:\n{output[-2000:]}")
     if failures:
         raise RuntimeError("\n".join(failures))
     return "\n".join(outputs)
