@@ -275,7 +275,8 @@ def unread_keys_warning(cfg) -> str:
     own = sorted({key.split(".")[0] for key in trainer_reads(cfg) if "." in key})
     nodes = " and ".join(f"TRAINER.{node}" for node in own) or "its own node"
     return (f"warning: {', '.join('TRAINER.' + key for key in unread)} "
-            f"{'is' if len(unread) == 1 else 'are'} not read by {cfg.TRAINER.NAME} and change nothing: its options "
+            f"{'is' if len(unread) == 1 else 'are'} not read by {cfg.TRAINER.NAME} and "
+            f"{'changes' if len(unread) == 1 else 'change'} nothing: its options "
             f"are under {nodes} (python train.py --trainer {cfg.TRAINER.NAME} --help-config lists them)")
 
 

@@ -1,7 +1,15 @@
 """Issue 19 (honest runs): a result is labelled with what produced it, nothing a user asked for is
 silently changed or ignored; the experiment tooling in its own subpackage without import cycles."""
 import ast
+import json
 import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import requires_dassl
+from helpers import script_env, tiny_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "vlprompt", "experiments")
@@ -42,15 +50,6 @@ def test_experiment_tooling_has_no_import_cycle():
 
 
 # ---- item 1 and 7: the run record; a run is resumed or skipped only with its own options -----------
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-
-from conftest import requires_dassl  # noqa: E402
-from helpers import script_env, tiny_options  # noqa: E402
-
 COOP_ARGS = ("base2new_train", "CoOp", "caltech101", "1")
 
 
@@ -348,7 +347,8 @@ def test_a_recipe_that_does_not_fit_the_backbone_names_every_mismatch_and_the_re
     from vlprompt.errors import InvalidValue
     toy = os.path.join(ROOT, "vlprompt", "toyworld", "toy_clip.pt")
     args = train.build_parser().parse_args([
-        "--trainer", "HiCroPL", "--config-file", os.path.join(ROOT, "configs/trainers/HiCroPL/vit_b16_c2_ep50_batch32_16ctx.yaml"),
+        "--trainer", "HiCroPL",
+        "--config-file", os.path.join(ROOT, "configs/trainers/HiCroPL/vit_b16_c2_ep50_batch32_16ctx.yaml"),
         "--dataset-config-file", os.path.join(ROOT, "configs/datasets/toy_objects.yaml"), "MODEL.BACKBONE.PATH", toy])
     cfg = train.setup_cfg(args)
     trainer = TRAINER_REGISTRY.get("HiCroPL")
@@ -357,11 +357,13 @@ def test_a_recipe_that_does_not_fit_the_backbone_names_every_mismatch_and_the_re
     message = str(refused.value)
     assert message.startswith("INPUT.SIZE=(224, 224) does not match the backbone's input resolution 32: set INPUT.SIZE "
                               "(32, 32); TRAINER.HICROPL.PROMPT_DEPTH=12 is invalid: ")
-    assert "The recipe does not fit this backbone; demo_toy and demo_tiny_clip fit it: CFG=demo_toy for the scripts" in message
+    assert ("The recipe does not fit this backbone; demo_toy and demo_tiny_clip fit it: CFG=demo_toy for the scripts"
+            in message)
 
 
 def test_the_eta_comes_from_the_average_epoch_time():
     from trainers.checkpointed_trainer import epoch_eta
     assert epoch_eta([300.0, 10.0, 20.0], epoch=2, max_epoch=10) == \
         "epoch 3/10 took 20.0 s; 0:12:50 left at the average epoch time (110.0 s)"
-    assert epoch_eta([5.0], epoch=0, max_epoch=1) == "epoch 1/1 took 5.0 s; 0:00:00 left at the average epoch time (5.0 s)"
+    assert epoch_eta([5.0], epoch=0, max_epoch=1) == \
+        "epoch 1/1 took 5.0 s; 0:00:00 left at the average epoch time (5.0 s)"
