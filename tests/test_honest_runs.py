@@ -335,7 +335,8 @@ def test_a_corrupt_test_image_stops_the_run_before_training(tmp_path):
     broken.write_bytes(b"\x00" * 100)
     with pytest.raises(BrokenImageError) as refused:
         in_process_trainer(root, tmp_path, "DATASET.NUM_SHOTS", "2")
-    assert f"1 image file(s) cannot be read: {broken} (UnidentifiedImageError" in str(refused.value)
+    assert f"cannot read image {broken} (UnidentifiedImageError" in str(refused.value)
+    assert "(found before training)" in str(refused.value)
 
 
 # ---- item 6: the newcomer's path ---------------------------------------------------------------
