@@ -197,11 +197,12 @@ def check_record(cfg, args):
     """The record of the run already in the output folder (None if there is none, or --restart
     discards it); a run made with other options is refused, naming the keys that differ."""
     folder, previous = cfg.OUTPUT_DIR, record.read(cfg.OUTPUT_DIR)
-    if args.restart or previous is None:
-        return None, None
+    kind = "test" if args.eval_only else "train"
+    if args.restart or previous is None or not record.has_progress(folder, kind):
+        return None, None  # nothing a run with these options would be mixed with
     changes = record.compare(previous, compared_config(cfg, args))
     if changes.relevant:
-        raise record.refusal(folder, changes, finished(folder, "test" if args.eval_only else "train"))
+        raise record.refusal(folder, changes, finished(folder, kind))
     return previous, changes
 
 
@@ -276,7 +277,8 @@ def unread_keys_warning(cfg) -> str:
     own = sorted({key.split(".")[0] for key in trainer_reads(cfg) if "." in key})
     nodes = " and ".join(f"TRAINER.{node}" for node in own) or "its own node"
     return (f"warning: {', '.join('TRAINER.' + key for key in unread)} "
-            f"{'is' if len(unread) == 1 else 'are'} not read by {cfg.TRAINER.NAME} and change nothing: its options "
+            f"{'is' if len(unread) == 1 else 'are'} not read by {cfg.TRAINER.NAME} and "
+            f"{'changes' if len(unread) == 1 else 'change'} nothing: its options "
             f"are under {nodes} (python train.py --trainer {cfg.TRAINER.NAME} --help-config lists them)")
 
 
@@ -298,9 +300,8 @@ def interrupted_message(trainer, folder: str, eval_only: bool) -> str:
         return f"Interrupted before the run in {folder} started; nothing to resume: rerun the same command"
     if eval_only:
         return f"Interrupted while evaluating into {folder}; rerunning the same command evaluates again"
-    done = getattr(trainer, "epoch", 0) or 0  # the epoch running (0-based) = the epochs finished
-    if getattr(trainer, "start_epoch", None) is None or not hasattr(trainer, "max_epoch"):
-        return f"Interrupted before the first epoch in {folder}; rerunning the same command starts it again"
+    # the epoch running (0-based) = the epochs finished; before the loop, the epoch resumed after
+    done = max(getattr(trainer, "epoch", 0) or 0, getattr(trainer, "start_epoch", 0) or 0)
     saved = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} saved; rerunning the same command "
              f"resumes after epoch {done}" if done else "no epoch finished; rerunning the same command starts over")
     return f"Interrupted during epoch {done + 1}/{trainer.max_epoch} in {folder}: {saved}"
@@ -314,6 +315,7 @@ def main(args):
     previous, changes = check_record(cfg, args)  # before anything is written to the folder
     determinism = configure_determinism(cfg.DETERMINISTIC, on_cuda=torch.cuda.is_available() and cfg.USE_CUDA)
     folder_existed = os.path.isdir(cfg.OUTPUT_DIR)
+    RUNNING.clear()
     try:
         check_output_folder(cfg.OUTPUT_DIR)
         start_and_run(cfg, args, previous, changes, unread_warning, determinism)
@@ -335,7 +337,9 @@ def start_and_run(cfg, args, previous, changes, unread_warning, determinism):
             restarted = args.restart and record.has_run(cfg.OUTPUT_DIR)
             if restarted:
                 discard_run(cfg.OUTPUT_DIR)
-            started_before = record.has_run(cfg.OUTPUT_DIR)
+            # a run with results or saved epochs but no record: started before runs were recorded
+            unrecorded = (not restarted and record.read(cfg.OUTPUT_DIR) is None
+                          and record.has_progress(cfg.OUTPUT_DIR, "test" if args.eval_only else "train"))
             if cfg.SEED >= 0:
                 print(f"Setting fixed seed: {cfg.SEED}")
                 set_random_seed(cfg.SEED)
@@ -344,7 +348,7 @@ def start_and_run(cfg, args, previous, changes, unread_warning, determinism):
                 print(f"--restart: the earlier run in {cfg.OUTPUT_DIR} was discarded")
             if changes is not None and changes.harmless:
                 print(changes.harmless_note())
-            if started_before and previous is None and not restarted:
+            if unrecorded:
                 print(f"note: {cfg.OUTPUT_DIR} holds a run started before runs were recorded (no "
                       f"{record.RECORD_FILE}): its options cannot be compared with these")
             if unread_warning:
@@ -358,7 +362,7 @@ def start_and_run(cfg, args, previous, changes, unread_warning, determinism):
             RUNNING["trainer"] = trainer
             if previous is not None:
                 record.check_backbone(cfg.OUTPUT_DIR, previous, getattr(trainer, "backbone_fingerprint", None))
-            elif not started_before:
+            elif not unrecorded:  # a new run, a restart, or a retry of a start that failed early
                 write_record(cfg, args, trainer)
         except BaseException:
             close_log()

@@ -128,11 +128,12 @@ def in_process_trainer(workspace, tmp_path, *opts, trainer="HiCroPL"):
 
 
 # ---- datasets ----------------------------------------------------------------------------------
-def make_cfg(root, name, shots=-1, seed=1, subsample="all", cache=""):
+def make_cfg(root, name, shots=-1, seed=1, subsample="all", cache="", allow_fewer_shots=False):
     from dassl.config import get_cfg_default
     from trainers.config import extend_cfg
     cfg = extend_cfg(get_cfg_default())
     cfg.DATASET.ROOT, cfg.DATASET.NAME, cfg.DATASET.NUM_SHOTS = str(root), name, shots
+    cfg.DATASET.ALLOW_FEWER_SHOTS = allow_fewer_shots
     cfg.DATASET.SUBSAMPLE_CLASSES, cfg.SEED, cfg.MODEL.FEATURE_CACHE_DIR = subsample, seed, str(cache)
     return cfg
 

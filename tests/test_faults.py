@@ -133,13 +133,14 @@ def break_images(folder):
 def test_unreadable_image_stops_the_run_naming_it_or_is_skipped_on_request(tmp_path):
     write_workspace(tmp_path, {"Caltech101": (4, (2, 1, 3))})
     truncated, not_image = break_images(tmp_path / "data" / "caltech-101")
-    cmd = train_command(tmp_path, tmp_path / "out", "TEST.FINAL_MODEL", "last_step", subsample="all", epochs=1)
+    cmd = train_command(tmp_path, tmp_path / "out", "TEST.FINAL_MODEL", "last_step", "DATASET.NUM_SHOTS", "2",
+                        subsample="all", epochs=1)  # 2 training images per class
     failed = run(cmd, expect_ok=False)
     assert failed.returncode != 0 and "cannot read image" in failed.stderr
     assert str(truncated) in failed.stderr or str(not_image) in failed.stderr
     assert "DATALOADER.SKIP_BROKEN_IMAGES True" in failed.stderr
-    skipped = run(train_command(tmp_path, tmp_path / "out2", "TEST.FINAL_MODEL", "last_step",
-                          "DATALOADER.SKIP_BROKEN_IMAGES", "True", subsample="all", epochs=1))
+    skipped = run(train_command(tmp_path, tmp_path / "out2", "TEST.FINAL_MODEL", "last_step", "DATASET.NUM_SHOTS", "2",
+                                "DATALOADER.SKIP_BROKEN_IMAGES", "True", subsample="all", epochs=1))
     assert f"skipping unreadable image {truncated}" in skipped.stdout
     assert f"skipping unreadable image {not_image}" in skipped.stdout
     assert "* total: 10" in skipped.stdout  # 4 classes x 3 test images, two left out

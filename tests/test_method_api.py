@@ -108,6 +108,10 @@ def test_a_method_registered_in_a_test_file_runs_sweeps_and_reports(workspace, t
 
     assert sweep.main(["--task", "base2new", "--trainer", "ToyPrompt", "--datasets", "caltech101", "--seeds", "1", "2",
                        "--data", str(workspace / "data"), "--output", str(output), "--dry-run"]) == 0
+    listed = capsys.readouterr().out  # without the options the runs were made with: not finished for the sweep
+    assert "4 runs, 0 finished already, 4 to run" in listed and "finished with other options" in listed
+    assert sweep.main(["--task", "base2new", "--trainer", "ToyPrompt", "--datasets", "caltech101", "--seeds", "1", "2",
+                       "--data", str(workspace / "data"), "--output", str(output), "--dry-run", "--", *options]) == 0
     listed = capsys.readouterr().out
     assert "4 runs, 2 finished already, 2 to run" in listed
     assert "-m vlprompt.run base2new_train ToyPrompt caltech101 2" in listed

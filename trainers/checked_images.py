@@ -61,10 +61,11 @@ def check_headers(data_source: List, threads: int = 8) -> None:
     bad = [(item.impath, reason) for item, reason in zip(data_source, reasons) if reason]
     if bad:
         listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise BrokenImageError(
-            f"{len(bad)} image file(s) cannot be read: {listed}{' ...' if len(bad) > 5 else ''}. Replace or remove "
-            f"them (and their entries in the split file), or set DATALOADER.SKIP_BROKEN_IMAGES True to leave "
-            f"unreadable images out with a warning.")
+            f"cannot read image{'s' if len(bad) > 1 else ''} {listed}{more} (found before training). Replace or "
+            f"remove {'them' if len(bad) > 1 else 'it'} (and the entries in the split file), or set "
+            f"DATALOADER.SKIP_BROKEN_IMAGES True to leave unreadable images out with a warning.")
 
 
 def readable_only(data_source: List, threads: int = 8) -> List:

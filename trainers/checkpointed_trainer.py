@@ -280,7 +280,8 @@ def epoch_eta(epoch_times: List[float], epoch: int, max_epoch: int) -> str:
     """The time left at the average time of the epochs run so far (in this process)."""
     average = sum(epoch_times) / len(epoch_times)
     left = datetime.timedelta(seconds=round(average * (max_epoch - epoch - 1)))
-    return f"epoch {epoch + 1}/{max_epoch} took {epoch_times[-1]:.1f} s; {left} left at the average epoch time ({average:.1f} s)"
+    return (f"epoch {epoch + 1}/{max_epoch} took {epoch_times[-1]:.1f} s; {left} left at the average epoch time "
+            f"({average:.1f} s)")
 
 
 def latest_checkpoint(folder: str) -> str:

@@ -10,6 +10,7 @@ where that differs from its folder's name (fewer shots than asked).
 
 Framework-free: the config comes in as a nested mapping (a yacs CfgNode is a dict).
 """
+import glob
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import UserError
 from ..files import atomic_write_text
+from .results import finished
 
 RECORD_FILE = "run.json"
 FORMAT = "vlprompt-run-1"
@@ -81,6 +83,15 @@ def read(folder: str) -> Optional[dict]:
 
 def write(folder: str, record: dict) -> None:
     atomic_write_text(path(folder), json.dumps({"format": FORMAT, **record}, indent=1, default=str) + "\n")
+
+
+def has_progress(folder: str, kind: str) -> bool:
+    """Whether `folder` holds something a run with other options would be mixed with: a final
+    result ("train" or "test") or a finished epoch's state. A start that failed before either can
+    be retried with other options (the record is then rewritten)."""
+    saved = glob.glob(os.path.join(glob.escape(folder), "*", "resume.pth.tar")) + \
+        glob.glob(os.path.join(glob.escape(folder), "*", "checkpoint"))
+    return bool(saved) or finished(folder, kind)
 
 
 def has_run(folder: str) -> bool:

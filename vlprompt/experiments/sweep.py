@@ -354,7 +354,10 @@ def main(argv=None) -> int:
             print("warning: DATA is not set (nor --data): the runs below would find no dataset", file=sys.stderr)
         exported = " ".join(f"{k}={v}" for k, v in env.items() if k != "PYTHONUNBUFFERED")
         for run in runs:
-            state = "finished, skipped" if run not in todo else (f"after {', '.join(run.after)}" if run.after else "")
+            state = ("finished, skipped" if run not in todo else
+                     "finished with other options: vlprompt.run skips it if they resolve to the same config, "
+                     "else refuses it (--restart to rerun)" if run.finished() else
+                     f"after {', '.join(run.after)}" if run.after else "")
             print(f"{run.key}: {exported} {' '.join(run.command(args.options))}" + (f"   [{state}]" if state else ""))
         return 0
     if not todo:
