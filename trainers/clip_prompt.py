@@ -231,13 +231,9 @@ class ClipPromptTrainer(CheckpointedTrainer):
         with self.autocast():
             loss, logits, parts = self.model.loss(images, labels)
         self.optim.zero_grad()
-        if self.scaler is not None:
-            self.scaled_step(loss, self.optim)
-        else:
-            self.stop_if_not_finite(loss, self.precision)
-            loss.backward()
-            self.optim.step()
-        summary = {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item(), **parts}
+        self.checked_step(loss, self.optim)
+        # tensors on the device: run_epoch reads them at its print steps, not here
+        summary = {"loss": loss.detach(), "acc": compute_accuracy(logits.detach(), labels)[0], **parts}
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return summary

@@ -78,13 +78,13 @@ class PromptedTextEncoder(nn.Module):
         """`order` [C, 77] (optional): sequence c is [SOS, prompt, rest][order[c]] (a per-sequence
         rearrangement, e.g. CoOp's class name before or inside the context); EOT stays in place.
         Rearranged prompts are no common prefix: the shared-prefix shortcut is then off."""
-        eot = token_ids.argmax(dim=-1)  # EOT has the largest id
+        eot, first_eot, last_eot = eot_positions(token_ids)
         n = 0 if prompt is None else prompt.shape[-2]
-        if n and int(eot.min()) <= n:
+        if n and first_eot <= n:
             raise ValueError(f"a {n}-token prompt overwrites the EOT token: tokenize placeholders first")
         # Causal mask: nothing after a sequence's EOT reaches its EOT feature, so the batch can
         # stop at the last EOT.
-        length = int(eot.max()) + 1 if self.cut_at_eot else token_ids.shape[1]
+        length = last_eot + 1 if self.cut_at_eot else token_ids.shape[1]
         x = self.token_embedding(token_ids[:, :length]).to(self.dtype)
         if n:
             x = torch.cat([x[:, :1], _as_batch(prompt.to(self.dtype), x.shape[0]), x[:, 1 + n:]], dim=1)
@@ -246,15 +246,32 @@ class PromptedImageEncoder(nn.Module):
         return self.features(state)
 
 
+def eot_positions(token_ids: Tensor) -> Tuple[Tensor, int, int]:
+    """[C] position of each sequence's EOT (the largest id), and the first and last of them as
+    host ints. The host reads them once per token-id tensor (a class set), kept on the tensor
+    itself, not at every encode: on a GPU each read would wait for the device."""
+    cached = getattr(token_ids, "_vlprompt_eot", None)
+    if cached is None or cached[0] != token_ids._version:
+        eot = token_ids.argmax(dim=-1)
+        first, last = torch.stack([eot.min(), eot.max()]).tolist()
+        cached = (token_ids._version, eot, first, last)
+        token_ids._vlprompt_eot = cached
+    return cached[1:]
+
+
 def _rearranged(x: Tensor, order: Tensor, eot: Tensor) -> Tensor:
     """x [C, L, D] with sequence c's tokens taken in order[c] [77] (cut to L)."""
     length = x.shape[1]
     if order.dim() != 2 or order.shape[0] != x.shape[0] or order.shape[1] < length:
         raise ValueError(f"order {tuple(order.shape)} does not fit {x.shape[0]} sequences of {length} tokens")
-    order = order[:, :length].to(x.device)
-    rows = torch.arange(x.shape[0], device=x.device)
-    if bool((order >= length).any()) or not torch.equal(order[rows, eot], eot.to(x.device)):
-        raise ValueError("order must rearrange tokens before each sequence's EOT and keep the EOT in place")
+    # Checked once per (order, EOT positions, length), as eot_positions, not at every encode.
+    whole, order = order, order[:, :length].to(x.device)
+    checked = getattr(whole, "_vlprompt_checked", None)
+    if checked is None or checked[0] is not eot or checked[1:] != (length, whole._version):
+        rows = torch.arange(x.shape[0], device=x.device)
+        if bool((order >= length).any()) or not torch.equal(order[rows, eot], eot.to(x.device)):
+            raise ValueError("order must rearrange tokens before each sequence's EOT and keep the EOT in place")
+        whole._vlprompt_checked = (eot, length, whole._version)
     return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
