@@ -21,6 +21,7 @@ import datasets  # noqa: F401  registers the CoOp datasets
 import trainers  # noqa: F401  registers the trainers
 from trainers.clip_prompt import ClipPromptTrainer
 from trainers.config import extend_cfg
+from vlprompt import device
 from vlprompt.errors import InvalidValue, report_user_errors
 from vlprompt.files import exclusive_folder
 from vlprompt.methods.registry import get_method
@@ -116,6 +117,7 @@ def setup_cfg(args):
         cfg.merge_from_list(args.opts)
     except (AssertionError, ValueError, KeyError) as err:
         raise explained(err, cfg, "config options") from err
+    device.apply_to_cfg(cfg)  # VLPROMPT_DEVICE pins the device (cpu: CUDA is never initialised)
     cfg.freeze()
     return cfg
 
@@ -161,7 +163,8 @@ def close_log() -> None:
 def main(args):
     cfg = setup_cfg(args)
     trainer_class(cfg)  # fail fast: before the run folder, the logger, the data and the weights
-    determinism = configure_determinism(cfg.DETERMINISTIC, on_cuda=torch.cuda.is_available() and cfg.USE_CUDA)
+    device.select_gpu(device.requested_device())
+    determinism = configure_determinism(cfg.DETERMINISTIC, on_cuda=cfg.USE_CUDA and torch.cuda.is_available())
     folder_existed = os.path.isdir(cfg.OUTPUT_DIR)
     try:
         with exclusive_folder(cfg.OUTPUT_DIR):

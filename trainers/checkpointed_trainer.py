@@ -189,6 +189,8 @@ class CheckpointedTrainer(TrainerX):
         epoch). amp: through the scaler, which skips steps with inf/NaN gradients itself (normal,
         not fatal: counted); a non-finite loss stops an amp run too (lowering the scale cannot
         cure a forward that overflows). `before_step()`: between backward and step (clipping)."""
+        if self.finite_guard is None:  # a step outside run_epoch (tests, fixtures)
+            self.finite_guard = FiniteGuard()
         if self.scaler is not None:
             self.finite_guard.record(all_finite(loss), loss, self.batch_idx)
             self.scaler.scale(loss).backward()

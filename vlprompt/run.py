@@ -11,8 +11,9 @@ when unfinished, check what it needs first, then call train.py.
 The environment gives what CoOp's scripts read from it: DATA (the datasets' folder, required),
 OUTPUT (default `output`), CFG (a config name under configs/trainers/<method>/ or a .yaml path;
 default: the method's config for the task), SOURCE (xd_test: the dataset trained on, default
-imagenet), LOADEP (xd_test: the epoch to load, default the config's MAX_EPOCH) and PYTHON. The
-scripts under scripts/<method>/ are one-line calls of this module.
+imagenet), LOADEP (xd_test: the epoch to load, default the config's MAX_EPOCH), PYTHON and
+VLPROMPT_DEVICE (cpu, cuda or cuda:N: where train.py runs; unset: the GPU when one is visible).
+The scripts under scripts/<method>/ are one-line calls of this module.
 """
 import glob
 import os
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import layout
+from .device import VARIABLE as DEVICE_VARIABLE, requested_device
 from .errors import UserError
 from .methods.registry import MethodSpec, get_method, method_for_scripts
 from .results import finished
@@ -249,9 +251,12 @@ def main(argv=None, env=None, last_job_here: bool = False) -> int:
     try:
         ctx, positional, options = parse(sys.argv[1:] if argv is None else argv, env)
         jobs = plan(ctx, positional, env)
-    except UsageError as err:
+        device = requested_device(env)
+    except UserError as err:
         print(err, file=sys.stderr)
         return 2
+    if device is not None:  # train.py reads it from its own environment
+        os.environ[DEVICE_VARIABLE] = device
     python = env.get("PYTHON") or sys.executable
     for index, job in enumerate(jobs):
         here = last_job_here and index == len(jobs) - 1 and "PYTHON" not in env
