@@ -22,7 +22,7 @@ from dassl.optim import build_optimizer
 from tqdm import tqdm
 
 from vlprompt.clip.class_features import ClassFeatureStore, DescriptionsError, frozen_class_features
-from vlprompt.clip.encoders import PromptedTextEncoder
+from vlprompt.clip.encoders import PromptedImageEncoder, PromptedTextEncoder
 from vlprompt.clip.image_features import ImageFeatureCache
 from vlprompt.clip.loading import architecture_shape, backbone_shape, cast_clip, load_clip
 from vlprompt.errors import InvalidValue, UserError
@@ -169,6 +169,11 @@ class ClipPromptTrainer(CheckpointedTrainer):
         frozen_text_features = self.frozen_class_features(clip_model, settings)
         self.to_compute_precision(clip_model)
         self.model = self.spec.model(clip_model, settings, self.dm.dataset.classnames, frozen_text_features)
+        if cfg.MODEL.GRADIENT_CHECKPOINTING:
+            print("Gradient checkpointing: frozen encoder blocks recompute their activations in backward")
+            for module in self.model.modules():
+                if isinstance(module, (PromptedTextEncoder, PromptedImageEncoder)):
+                    module.gradient_checkpointing = True
         trainable = self.model.prompt_learner
         if cfg.MODEL.INIT_WEIGHTS:
             state = self.load_state_for(self.spec.checkpoint_folder, cfg.MODEL.INIT_WEIGHTS)

@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .ops import residual_block, residual_block_shared_prefix
 
@@ -50,6 +51,8 @@ def _as_batch(prompt: Tensor, batch: int) -> Tensor:
 
 class PromptedTextEncoder(nn.Module):
     """CLIP's text tower over token ids, with prompts at positions 1..n."""
+
+    gradient_checkpointing = False  # see _run_block (MODEL.GRADIENT_CHECKPOINTING)
 
     def __init__(self, clip_model: nn.Module, shared_prefix: bool = True, cut_at_eot: bool = True):
         super().__init__()
@@ -115,9 +118,9 @@ class PromptedTextEncoder(nn.Module):
             state = self._replace_prompt(state, prompt)
         block = self.blocks[i]
         if state.prefix is not None:  # one prefix for all, one each, or one per group (embed_per_context)
-            prefix, body = residual_block_shared_prefix(block, state.prefix, state.body)
+            prefix, body = _run_block(self, residual_block_shared_prefix, block, state.prefix, state.body)
             return replace(state, prefix=prefix, body=body)
-        return replace(state, body=residual_block(block, state.body, causal=True))
+        return replace(state, body=_run_block(self, residual_block, block, state.body, causal=True))
 
     def prompt_states(self, state: TextState) -> Tensor:
         """[P, n, D] hidden states at the prompt positions (P == 1 when shared)."""
@@ -178,6 +181,8 @@ class PromptedTextEncoder(nn.Module):
 class PromptedImageEncoder(nn.Module):
     """CLIP's ViT over images, with prompt tokens after the patches."""
 
+    gradient_checkpointing = False  # see _run_block (MODEL.GRADIENT_CHECKPOINTING)
+
     def __init__(self, clip_model: nn.Module):
         super().__init__()
         visual = clip_model.visual
@@ -229,7 +234,7 @@ class PromptedImageEncoder(nn.Module):
             if prompt.shape[-2] != n:
                 raise ValueError(f"visual prompt has {prompt.shape[-2]} tokens, the sequence has {n} slots")
             x = torch.cat([x[:, :-n], _as_batch(prompt.to(x.dtype), x.shape[0])], dim=1)
-        return replace(state, tokens=residual_block(self.blocks[i], x))
+        return replace(state, tokens=_run_block(self, residual_block, self.blocks[i], x))
 
     def prompt_states(self, state: ImageState) -> Tensor:
         return state.tokens[:, state.tokens.shape[1] - state.n_prompt:]  # [B, n, D]
@@ -244,6 +249,16 @@ class PromptedImageEncoder(nn.Module):
         for i in range(self.depth):
             state = self.run_layer(i, state, prompts[i] if 0 < i < len(prompts) else None)
         return self.features(state)
+
+
+def _run_block(encoder: nn.Module, block_fn: Callable, *args, **kwargs):
+    """block_fn(block, states...) of one frozen layer. With the encoder's gradient_checkpointing
+    on and gradients flowing, its activations are not kept for backward but recomputed there:
+    gradients reach the prompts through every frozen layer, so without it a training step keeps
+    the activations of both whole towers (the same gradients, one more forward of each block)."""
+    if encoder.gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block_fn, *args, use_reentrant=False, **kwargs)
+    return block_fn(*args, **kwargs)
 
 
 def eot_positions(token_ids: Tensor) -> Tuple[Tensor, int, int]:
