@@ -194,3 +194,18 @@ def test_a_gpu_asked_for_where_none_is_visible_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InvalidValue, match=r"VLPROMPT_DEVICE=cuda:1 but no GPU is visible"):
         apply_to_cfg(SimpleNamespace(USE_CUDA=False), {"VLPROMPT_DEVICE": "cuda:1"})
+
+
+def test_fp32_gpu_runs_use_tf32_unless_deterministic():
+    import train
+    try:
+        assert "TF32 on" in train.configure_determinism(False, on_cuda=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert "TF32 off" in train.configure_determinism(True, on_cuda=True)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert train.configure_determinism(False, on_cuda=False) == ""
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        train.set_tf32(False)
