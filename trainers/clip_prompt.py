@@ -244,15 +244,18 @@ class ClipPromptTrainer(CheckpointedTrainer):
         return summary
 
     def parse_batch_train(self, batch):
-        return batch["img"].to(self.device), batch["label"].to(self.device)
+        # asynchronous from the loader's pinned memory (a GPU run): the copy overlaps compute
+        return batch["img"].to(self.device, non_blocking=True), batch["label"].to(self.device, non_blocking=True)
 
     # ---- evaluate --------------------------------------------------------------------------
     feature_cache = None
 
     def build_feature_cache(self):
-        """Frozen features of eval images, keyed by backbone weights + precision and transform."""
+        """Frozen features of eval images, keyed by what changes their numbers: backbone weights,
+        precision, where and how they are computed (device type, TF32, torch version) and the
+        transform."""
         encoder = self.model.image_encoder
-        backbone = f"{tensors_fingerprint(encoder.state_dict().items())}|{self.precision}"
+        backbone = f"{tensors_fingerprint(encoder.state_dict().items())}|{self.precision}|{compute_key(self.device)}"
         transform = (f"{self.test_loader.dataset.transform!r}|torchvision {torchvision.__version__}"
                      f"|PIL {PIL.__version__}")
         return ImageFeatureCache(cache_root(self.cfg.MODEL.FEATURE_CACHE_DIR), backbone, transform)
@@ -275,7 +278,8 @@ class ClipPromptTrainer(CheckpointedTrainer):
         try:
             with self.autocast(), self.model.evaluation():
                 for batch in tqdm(loader):
-                    images, labels = batch["img"].to(self.device), batch["label"].to(self.device)
+                    images = batch["img"].to(self.device, non_blocking=True)
+                    labels = batch["label"].to(self.device, non_blocking=True)
                     self.evaluator.process(self.infer(images, batch["impath"]), labels)
         finally:
             if self.feature_cache is not None:
@@ -291,6 +295,13 @@ class ClipPromptTrainer(CheckpointedTrainer):
             return self.model(images)
         frozen = self.feature_cache.features(impaths, images, self.model.frozen_image_features)
         return self.model(images, frozen_image_features=frozen)
+
+
+def compute_key(device: torch.device) -> str:
+    """What, beside weights and precision, changes a feature's last digits: the device type's
+    kernels, TF32 on a GPU (train.py turns it on for fp32 runs) and the torch version."""
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return f"{device.type}|tf32={tf32}|torch {torch.__version__}"
 
 
 def make_trainer(spec: MethodSpec, name: str, layout: ConfigLayout) -> type:

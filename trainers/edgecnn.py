@@ -157,7 +157,7 @@ class EdgeCNN(CheckpointedTrainer):
         return {"loss": loss.detach(), "acc": compute_accuracy(logits.detach(), labels)[0]}
 
     def parse_batch_train(self, batch):
-        return batch["img"].to(self.device), batch["label"].to(self.device)
+        return batch["img"].to(self.device, non_blocking=True), batch["label"].to(self.device, non_blocking=True)
 
     def model_inference(self, images):
         return ten_crop_logits(self.model, images) if images.dim() == 5 else self.model(images)
