@@ -21,9 +21,10 @@ from typing import Dict, List
 import numpy as np
 from tabulate import tabulate
 
+from vlprompt.experiments import record
+from vlprompt.experiments.layout import BASE2NEW_DATASETS
 from vlprompt.files import atomic_write_text
-from vlprompt.layout import BASE2NEW_DATASETS
-from vlprompt.results import TEST_END, TRAIN_END, ResultsError, ci95, harmonic_mean, read_run
+from vlprompt.experiments.results import TEST_END, TRAIN_END, ResultsError, ci95, harmonic_mean, read_run
 
 def parse_seeds(directory: str, end_signal, keyword="accuracy", use_ci95=False, out=print) -> Dict[str, float]:
     """CoOp's parse_function: each subfolder of `directory` is one run (one seed)."""
@@ -37,6 +38,8 @@ def parse_seeds(directory: str, end_signal, keyword="accuracy", use_ci95=False, 
             out(f"{name}: skipped, {run.problem}")
             continue
         out(f"file: {run.log}. {keyword}: {run.value:.2f}%. ")
+        for note in record.notes(record.read(run.folder)):  # what the folder's name does not say
+            out(f"{name}: note: {note}")
         values.append(run.value)
     if not values:
         raise ResultsError(f"Nothing found in {directory}: no finished run with a '* {keyword}' line")
@@ -90,18 +93,40 @@ def _pick(found, trainer, cfg):
     return methods[0]
 
 
-def _seed_values(folder: str, end_signal, problems: List[str]) -> List[float]:
+def _seed_values(folder: str, end_signal, problems: List[str]) -> Dict[str, float]:
+    """{seed folder name: result} of the finished runs in `folder`; the others go to `problems`."""
     if not os.path.isdir(folder):
         problems.append(f"{folder}: missing")
-        return []
-    values = []
+        return {}
+    values = {}
     for name in sorted(f for f in os.listdir(folder) if not f.startswith(".")):
         run = read_run(os.path.join(folder, name), end_signal)
         if run.value is None:
             problems.append(f"{run.folder}: {run.problem}")
         else:
-            values.append(run.value)
+            values[name] = run.value
+            problems += [f"{run.folder}: note: {note}" for note in record.notes(record.read(run.folder))]
     return values
+
+
+def _seeds_text(matched, base: Dict[str, float], new: Dict[str, float]) -> str:
+    """How many seeds have both halves, and which seeds lack one."""
+    lacking = [f"no {half}: {', '.join(sorted(set(other) - set(these)))}"
+               for half, these, other in (("New", new, base), ("Base", base, new)) if set(other) - set(these)]
+    return f"{len(matched)}" + (f" ({'; '.join(lacking)})" if lacking else "")
+
+
+def base2new_row(dataset: str, base: Dict[str, float], new: Dict[str, float]) -> OrderedDict:
+    """Base, New and HM over the seeds with both halves (a seed with one half would pair one
+    seed's Base with other seeds' New); without any such seed, what was found and no HM."""
+    matched = sorted(set(base) & set(new))
+    if matched:
+        b, n = (float(np.mean([half[s] for s in matched])) for half in (base, new))
+        hm = harmonic_mean(b, n)
+    else:
+        b, n, hm = (float(np.mean(list(base.values()))) if base else None,
+                    float(np.mean(list(new.values()))) if new else None, None)
+    return OrderedDict(dataset=dataset, base=b, new=n, hm=hm, seeds=_seeds_text(matched, base, new))
 
 
 def base2new_summary(root: str, trainer=None, cfg=None, shots=16, out=print):
@@ -119,11 +144,7 @@ def base2new_summary(root: str, trainer=None, cfg=None, shots=16, out=print):
         else:  # an eval-only method (zero-shot CLIP) tested on the base classes
             base = _seed_values(os.path.join(root, "test_base", common), TEST_END, problems)
         new = _seed_values(os.path.join(root, "test_new", common), TEST_END, problems)
-        b = float(np.mean(base)) if base else None
-        n = float(np.mean(new)) if new else None
-        rows.append(OrderedDict(dataset=dataset, base=b, new=n,
-                                hm=harmonic_mean(b, n) if b is not None and n is not None else None,
-                                seeds=f"{len(base)}/{len(new)}"))
+        rows.append(base2new_row(dataset, base, new))
     complete = [r for r in rows if r["hm"] is not None]
     if not complete:
         raise ResultsError(f"no dataset under {root} has both base and new results for {trainer} {cfg}:\n  "
@@ -133,7 +154,8 @@ def base2new_summary(root: str, trainer=None, cfg=None, shots=16, out=print):
     average = OrderedDict(dataset=f"Average ({len(complete)} datasets)", base=avg_base, new=avg_new,
                           hm=harmonic_mean(avg_base, avg_new), seeds="")
     table = _format_table(rows + [average])
-    out(f"Base-to-new: {trainer} / {cfg} / {shots} shots  (mean over seeds; seeds = base/new runs found)")
+    out(f"Base-to-new: {trainer} / {cfg} / {shots} shots  (mean over the seeds with both a Base and a New result; "
+        f"seeds = how many, and the seeds lacking a half)")
     out(tabulate(table, headers="keys", tablefmt="github", disable_numparse=True))
     for problem in problems:
         out(f"warning: {problem}")

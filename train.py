@@ -1,10 +1,14 @@
 """Train or evaluate a prompt learner with Dassl: the CoOp / MaPLe command line."""
 import argparse
+import glob
 import io
 import os
 import re
+import shutil
 import sys
+import time
 import warnings
+from dataclasses import asdict, fields
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip / wilds imports
 # Dassl imports wilds, which starts a PyPI version check through `outdated` in a thread that
@@ -20,11 +24,13 @@ from dassl.utils import collect_env_info, set_random_seed, setup_logger
 import datasets  # noqa: F401  registers the CoOp datasets
 import trainers  # noqa: F401  registers the trainers
 from trainers.clip_prompt import ClipPromptTrainer
-from trainers.config import extend_cfg
+from trainers.config import dataset_config_options, extend_cfg
 from vlprompt import device
 from vlprompt.errors import InvalidValue, report_user_errors
-from vlprompt.files import exclusive_folder
-from vlprompt.methods.registry import get_method
+from vlprompt.experiments import record
+from vlprompt.experiments.results import finished
+from vlprompt.files import OutputWriteError, exclusive_folder
+from vlprompt.methods.registry import get_method, methods
 from vlprompt.methods.settings import closest, describe
 
 
@@ -113,6 +119,8 @@ def setup_cfg(args):
     if args.config_file:
         merge_file(cfg, args.config_file, "--config-file")
     reset_cfg(cfg, args)
+    # a release's per-dataset values (CoPrompt's) replace the config file's; the command line wins
+    cfg.merge_from_list(dataset_config_options(cfg))
     try:
         cfg.merge_from_list(args.opts)
     except (AssertionError, ValueError, KeyError) as err:
@@ -172,36 +180,209 @@ def close_log() -> None:
         os.remove(logger.file.name)
 
 
+def trainer_reads(cfg):
+    """The keys under TRAINER the running trainer reads (its layout's paths), e.g. HICROPL.N_CTX."""
+    for spec in methods():
+        for name, layout in spec.trainer_names():
+            if name == cfg.TRAINER.NAME:
+                reads = [layout.path(f.name) for f in fields(spec.settings)]
+                if issubclass(TRAINER_REGISTRY.get(name), ClipPromptTrainer):
+                    reads.append(layout.path("prec"))
+                return sorted(reads)
+    return []
+
+
+def compared_config(cfg, args) -> dict:
+    """What a run's numbers may depend on: the resolved config, flattened, and the train.py flags
+    that are not config keys (which checkpoint an evaluation loads)."""
+    flat = record.flatten(cfg)
+    flat.update({"--eval-only": bool(args.eval_only), "--model-dir": args.model_dir or "",
+                 "--load-epoch": args.load_epoch, "--no-train": bool(args.no_train)})
+    return flat
+
+
+def resolved_config(argv) -> dict:
+    """compared_config of a train.py command line (vlprompt.run compares a finished run with it)."""
+    args = build_parser().parse_args(list(argv))
+    return compared_config(setup_cfg(args), args)
+
+
+def check_record(cfg, args):
+    """The record of the run already in the output folder (None if there is none, or --restart
+    discards it); a run made with other options is refused, naming the keys that differ."""
+    folder, previous = cfg.OUTPUT_DIR, record.read(cfg.OUTPUT_DIR)
+    if args.restart or previous is None:
+        return None, None
+    changes = record.compare(previous, compared_config(cfg, args))
+    if changes.relevant:
+        raise record.refusal(folder, changes, finished(folder, "test" if args.eval_only else "train"))
+    return previous, changes
+
+
+def discard_run(folder: str) -> None:
+    """--restart: the earlier run's files go (the lock this process holds stays)."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name != ".lock":
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def write_record(cfg, args, trainer) -> None:
+    """The run's record (vlprompt/experiments/record.py), written when it starts."""
+    settings_from = getattr(type(trainer), "settings_from", None)
+    dm = trainer.dm
+    train = dm.dataset.train_x or []
+    per_class = {}
+    for item in train:
+        per_class[item.label] = per_class.get(item.label, 0) + 1
+    record.write(cfg.OUTPUT_DIR, {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "request": record.request(sys.argv[1:]),
+        "trainer": cfg.TRAINER.NAME,
+        "reads": trainer_reads(cfg),
+        "batch_independent_eval": bool(getattr(trainer, "batch_independent_eval", False)),
+        "settings": asdict(settings_from(cfg)) if settings_from else None,
+        "backbone": {"name": cfg.MODEL.BACKBONE.NAME, "path": cfg.MODEL.BACKBONE.PATH,
+                     "fingerprint": getattr(trainer, "backbone_fingerprint", None)},
+        "dataset": {"name": cfg.DATASET.NAME, "subsample_classes": cfg.DATASET.SUBSAMPLE_CLASSES,
+                    "num_shots": cfg.DATASET.NUM_SHOTS, "seed": cfg.SEED, "classes": dm.num_classes,
+                    "train_x": len(train), "val": len(dm.dataset.val or []), "test": len(dm.dataset.test or []),
+                    "shots_used": min(per_class.values()) if per_class else None},
+        "config": compared_config(cfg, args),
+    })
+
+
+def method_of(trainer_name: str):
+    """The registered method a trainer name belongs to (its own name or a release alias), or None."""
+    return next((spec for spec in methods() for name, _ in spec.trainer_names() if name == trainer_name), None)
+
+
+def check_flags(args, cfg) -> None:
+    """Flags that would otherwise succeed doing something else than asked."""
+    spec = method_of(cfg.TRAINER.NAME)
+    if args.eval_only and not args.model_dir and not cfg.MODEL.INIT_WEIGHTS and (spec is None or spec.trains):
+        raise InvalidValue(f"--eval-only without --model-dir: {cfg.TRAINER.NAME} trains, so this would evaluate its "
+                           f"untrained prompts. Give --model-dir <the training's output folder> (and --load-epoch N "
+                           f"for another epoch than the last), or MODEL.INIT_WEIGHTS <checkpoint file>")
+    if args.resume:
+        saved = (glob.glob(os.path.join(args.resume, "*", "resume.pth.tar"))
+                 + glob.glob(os.path.join(args.resume, "*", "checkpoint")))
+        if not os.path.isdir(args.resume) or not saved:
+            what = "no such folder" if not os.path.isdir(args.resume) else "no checkpoint in it (<name>/checkpoint)"
+            raise InvalidValue(f"--resume {args.resume}: {what}, so training would start from scratch. Give the "
+                               f"output folder of the run to continue, or leave --resume out (a rerun of the same "
+                               f"command resumes its own --output-dir)")
+
+
+def unread_trainer_keys(cfg):
+    """TRAINER keys set to something else than their default that the running trainer does not
+    read (another method's node, e.g. TRAINER.MAPLE.N_CTX on a HiCroPL run): they change nothing."""
+    reads = set(trainer_reads(cfg)) | {"NAME"}
+    defaults = record.flatten(extend_cfg(get_cfg_default()).TRAINER)
+    return [key for key, value in record.flatten(cfg.TRAINER).items()
+            if key not in reads and value != defaults.get(key)]
+
+
+def unread_keys_warning(cfg) -> str:
+    unread = unread_trainer_keys(cfg)
+    if not unread:
+        return ""
+    own = sorted({key.split(".")[0] for key in trainer_reads(cfg) if "." in key})
+    nodes = " and ".join(f"TRAINER.{node}" for node in own) or "its own node"
+    return (f"warning: {', '.join('TRAINER.' + key for key in unread)} "
+            f"{'is' if len(unread) == 1 else 'are'} not read by {cfg.TRAINER.NAME} and change nothing: its options "
+            f"are under {nodes} (python train.py --trainer {cfg.TRAINER.NAME} --help-config lists them)")
+
+
+def check_output_folder(folder: str) -> None:
+    """The run folder can be made and written (a part of the path that is a file, no permission)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise OutputWriteError(f"cannot create the output folder {folder}: {err.strerror or err} (is a part of "
+                               f"that path a file?). Choose another OUTPUT / --output-dir") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"the output folder {folder} is not writable: choose another OUTPUT / --output-dir, "
+                               f"or make it writable")
+
+
+def interrupted_message(trainer, folder: str, eval_only: bool) -> str:
+    """Ctrl-C: where the run stopped and how to go on, in one line."""
+    if trainer is None:
+        return f"Interrupted before the run in {folder} started; nothing to resume: rerun the same command"
+    if eval_only:
+        return f"Interrupted while evaluating into {folder}; rerunning the same command evaluates again"
+    done = getattr(trainer, "epoch", 0) or 0  # the epoch running (0-based) = the epochs finished
+    if getattr(trainer, "start_epoch", None) is None or not hasattr(trainer, "max_epoch"):
+        return f"Interrupted before the first epoch in {folder}; rerunning the same command starts it again"
+    saved = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} saved; rerunning the same command "
+             f"resumes after epoch {done}" if done else "no epoch finished; rerunning the same command starts over")
+    return f"Interrupted during epoch {done + 1}/{trainer.max_epoch} in {folder}: {saved}"
+
+
 def main(args):
     cfg = setup_cfg(args)
     trainer_class(cfg)  # fail fast: before the run folder, the logger, the data and the weights
     device.select_gpu(device.requested_device())
+    check_flags(args, cfg)
+    unread_warning = unread_keys_warning(cfg)
+    previous, changes = check_record(cfg, args)  # before anything is written to the folder
     determinism = configure_determinism(cfg.DETERMINISTIC, on_cuda=cfg.USE_CUDA and torch.cuda.is_available())
     folder_existed = os.path.isdir(cfg.OUTPUT_DIR)
     try:
-        with exclusive_folder(cfg.OUTPUT_DIR):
-            try:
-                if cfg.SEED >= 0:
-                    print(f"Setting fixed seed: {cfg.SEED}")
-                    set_random_seed(cfg.SEED)
-                setup_logger(cfg.OUTPUT_DIR)
-                if determinism:
-                    print(determinism)
-                print_args(args, cfg)
-                print("Collecting env info ...")
-                print(f"** System info **\n{collect_env_info()}\n")
-                trainer = build_trainer(cfg)
-            except BaseException:
-                close_log()
-                raise
-            if args.eval_only:
-                trainer.load_model(args.model_dir, epoch=args.load_epoch)
-                trainer.test()
-            elif not args.no_train:
-                trainer.train()
+        check_output_folder(cfg.OUTPUT_DIR)
+        start_and_run(cfg, args, previous, changes, unread_warning, determinism)
+    except KeyboardInterrupt:
+        print(interrupted_message(RUNNING.get("trainer"), cfg.OUTPUT_DIR, args.eval_only), file=sys.stderr)
+        sys.exit(130)
     finally:
         if not folder_existed and os.path.isdir(cfg.OUTPUT_DIR) and not os.listdir(cfg.OUTPUT_DIR):
             os.rmdir(cfg.OUTPUT_DIR)  # a failed start leaves no folder behind
+
+
+RUNNING = {}  # the trainer of this process's run, for the Ctrl-C message
+
+
+def start_and_run(cfg, args, previous, changes, unread_warning, determinism):
+    """The run in its locked folder: the log, the record, the trainer, then training or evaluation."""
+    with exclusive_folder(cfg.OUTPUT_DIR):
+        try:
+            restarted = args.restart and record.has_run(cfg.OUTPUT_DIR)
+            if restarted:
+                discard_run(cfg.OUTPUT_DIR)
+            started_before = record.has_run(cfg.OUTPUT_DIR)
+            if cfg.SEED >= 0:
+                print(f"Setting fixed seed: {cfg.SEED}")
+                set_random_seed(cfg.SEED)
+            setup_logger(cfg.OUTPUT_DIR)
+            if restarted:
+                print(f"--restart: the earlier run in {cfg.OUTPUT_DIR} was discarded")
+            if changes is not None and changes.harmless:
+                print(changes.harmless_note())
+            if started_before and previous is None and not restarted:
+                print(f"note: {cfg.OUTPUT_DIR} holds a run started before runs were recorded (no "
+                      f"{record.RECORD_FILE}): its options cannot be compared with these")
+            if unread_warning:
+                print(unread_warning)
+            if determinism:
+                print(determinism)
+            print_args(args, cfg)
+            print("Collecting env info ...")
+            print(f"** System info **\n{collect_env_info()}\n")
+            trainer = build_trainer(cfg)
+            RUNNING["trainer"] = trainer
+            if previous is not None:
+                record.check_backbone(cfg.OUTPUT_DIR, previous, getattr(trainer, "backbone_fingerprint", None))
+            elif not started_before:
+                write_record(cfg, args, trainer)
+        except BaseException:
+            close_log()
+            raise
+        if args.eval_only:
+            trainer.load_model(args.model_dir, epoch=args.load_epoch)
+            trainer.test()
+        elif not args.no_train:
+            trainer.train()
 
 
 def print_config_help(trainer_name: str) -> None:
@@ -239,6 +420,9 @@ def build_parser():
     parser.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
     parser.add_argument("--help-config", action="store_true",
                         help="list the config keys of --trainer's method, with their defaults and help, and exit")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the run already in --output-dir (its logs, checkpoints and record) and "
+                             "start over, instead of resuming it or refusing other options")
     parser.add_argument("--deterministic", action="store_true",
                         help="bitwise-reproducible GPU runs (deterministic algorithms, no cuDNN autotuning; "
                              "slower); the same as the config option DETERMINISTIC True")
@@ -246,11 +430,28 @@ def build_parser():
     return parser
 
 
+def quiet_when_the_reader_leaves(command):
+    """A reader that stops early (`--help-config | head`) is not an error: no BrokenPipeError
+    traceback, at once or when Python flushes stdout at exit."""
+    def guarded(*args):
+        try:
+            result = command(*args)
+            sys.stdout.flush()
+            return result
+        except BrokenPipeError:
+            try:  # stdout is gone: point it at /dev/null so the flush at exit has nowhere to fail
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+                pass
+            sys.exit(0)
+    return guarded
+
+
 @report_user_errors
 def cli():
     args = build_parser().parse_args()
     if args.help_config:
-        return print_config_help(args.trainer)
+        return quiet_when_the_reader_leaves(print_config_help)(args.trainer)
     return main(args)
 
 

@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from vlprompt.methods.hicropl import HiCroPL  # noqa: E402
 from vlprompt.toyworld.broken import BROKEN_VARIANTS  # noqa: E402
-from vlprompt.results import harmonic_mean  # noqa: E402
+from vlprompt.experiments.results import harmonic_mean  # noqa: E402
 from vlprompt.toyworld.evaluate import (TOY_CLIP_PATH, TOY_HICROPL, Recipe, accuracy, class_images,  # noqa: E402
                                         load_toy_clip, retarget, train_hicropl, zero_shot_accuracy)
 from vlprompt.toyworld.world import CLASS_SETS  # noqa: E402

@@ -157,12 +157,37 @@ class CoOpDataset(DatasetBase):
             return train, val
         # DATASET.* keys only (as CoOp's classes), so the datasets build under a stock Dassl
         # config too: the fallback for a read-only data folder is $VLPROMPT_CACHE or ~/.cache/vlprompt
+        allow_fewer = bool(cfg.DATASET.get("ALLOW_FEWER_SHOTS", False))
         cache = FewShotCache(self.dataset_dir, cache_root())
         data = cache.load(shots, cfg.SEED)
         if data is None:
             train = self.generate_fewshot_dataset(train, num_shots=shots)
+            check_shots(train, shots, allow_fewer, type(self).__name__)  # before the subset is cached
             data = {"train": train}
             if self.val_split == "own":
                 data["val"] = self.generate_fewshot_dataset(val, num_shots=min(shots, 4))
             cache.save(data, shots, cfg.SEED)
+        else:
+            check_shots(data["train"], shots, allow_fewer, type(self).__name__)
         return data["train"], data.get("val", val)
+
+
+def check_shots(few_shot_train: Sequence[Datum], shots: int, allow_fewer: bool, dataset: str) -> None:
+    """Dassl's sampling takes every image of a class with fewer than `shots`: such a run would
+    carry a NUM_SHOTS it did not train with. Refused, unless DATASET.ALLOW_FEWER_SHOTS, and then said."""
+    counts = {}
+    for item in few_shot_train:
+        counts[item.classname] = counts.get(item.classname, 0) + 1
+    short = {name: n for name, n in counts.items() if n < shots}
+    if not short:
+        return
+    listed = ", ".join(f"{name} {n}" for name, n in sorted(short.items(), key=lambda kv: (kv[1], kv[0]))[:8])
+    more = f" and {len(short) - 8} more" if len(short) > 8 else ""
+    what = (f"DATASET.NUM_SHOTS={shots} but {len(short)} of {len(counts)} classes of {dataset} have fewer "
+            f"training images ({listed}{more})")
+    if not allow_fewer:
+        raise InvalidValue(f"{what}: the run would train on fewer and be labelled {shots}-shot. Use DATASET.NUM_SHOTS "
+                           f"{min(short.values())} or less, or set DATASET.ALLOW_FEWER_SHOTS True to train on the "
+                           f"images there are (the log, run.json and the report then say how many)")
+    print(f"warning: {what}; DATASET.ALLOW_FEWER_SHOTS is True: those classes train on fewer "
+          f"(at least {min(short.values())} of {shots} per class)")

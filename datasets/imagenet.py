@@ -33,7 +33,11 @@ def read_class_folders(image_dir: str, classnames, source: str, folders=None):
         if folder not in classnames:
             raise DatasetLayoutError(f"{image_dir}/{folder} is not a class listed in {source}'s classnames.txt")
         class_dir = require(os.path.join(image_dir, folder), f"class folder of {source}")
-        for name in sorted(f for f in os.listdir(class_dir) if not f.startswith(".")):
+        names = sorted(f for f in os.listdir(class_dir) if not f.startswith("."))
+        if not names:  # the class would silently vanish from the label set
+            raise DatasetLayoutError(f"class folder {class_dir} ({classnames[folder]}) is empty: {source} would "
+                                     f"lose that class (and every later label would shift). Restore its images")
+        for name in names:
             items.append(make_datum(os.path.join(class_dir, name), label, classnames[folder], class_dir))
     return items
 

@@ -42,13 +42,15 @@ SHOWN=$(echo "$LISTED" | awk '$1 == "HiCroPL" {h = $1} {last = $1} END {print h 
 echo "== the toy world's ToyObjects dataset in $DATA (synthetic, 32x32 images, CoOp's layout)"
 [ -f "$DATA/toy_objects/split_zhou_ToyObjects.json" ] || python -m datasets.toy_world "$DATA" --dataset ToyObjects
 
-# Runs one task script; shows Dassl's own progress line at the end of each epoch (with its ETA),
-# keeps the whole output in $DEMO/last_run.txt and shows its end if the run fails.
+# Runs one task script; shows Dassl's own progress line at the end of each epoch and the time left
+# at the average epoch time (Dassl's "eta" extrapolates the slow first batches: minutes for a
+# one-minute run), keeps the whole output in $DEMO/last_run.txt and shows its end if the run fails.
 run() {
     local status=0
     "$@" < /dev/null 2>&1 | tee "$DEMO/last_run.txt" \
-        | { grep --line-buffered -E '^epoch \[[0-9]+/[0-9]+\] batch \[([0-9]+)/\1\]' || true; } \
-        | sed -u -E 's/^epoch \[([0-9]+\/[0-9]+)\].* loss ([0-9.]+) \(([0-9.]+)\).* acc ([0-9.]+) \(([0-9.]+)\).* eta ([0-9:]+).*/    epoch \1  loss \3  train acc \5%  eta \6/' \
+        | { grep --line-buffered -E '^epoch \[[0-9]+/[0-9]+\] batch \[([0-9]+)/\1\]|^epoch [0-9]+/[0-9]+ took' || true; } \
+        | sed -u -E -e 's/^epoch \[([0-9]+\/[0-9]+)\].* loss ([0-9.]+) \(([0-9.]+)\).* acc ([0-9.]+) \(([0-9.]+)\).*/    epoch \1  loss \3  train acc \5%/' \
+            -e 's/^epoch [0-9]+\/[0-9]+ took ([0-9.]+) s; ([0-9:]+) left.*/      took \1 s, \2 left/' \
         || status=$?
     [ "$status" = 0 ] || { echo "failed; the end of its output ($DEMO/last_run.txt):"; tail -n 30 "$DEMO/last_run.txt"; exit 1; }
 }

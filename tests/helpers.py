@@ -410,11 +410,15 @@ def method_command(workspace, trainer, config, out, options=(), flags=()):
             "--output-dir", str(out), "MODEL.FEATURE_CACHE_DIR", str(workspace / "cache"), *options]
 
 
+# The workspace's datasets hold 4 training images per class, fewer than the 16 shots of the tasks.
+FEWER_SHOTS = ["DATASET.ALLOW_FEWER_SHOTS", "True"]
+
+
 def tiny_options(workspace, node: str, *extra: str):
     """Options that fit a recipe to the workspace's tiny CLIP (32 px) in fp32 on the CPU."""
     return ["MODEL.BACKBONE.PATH", str(workspace / "tiny_clip.pt"), "MODEL.FEATURE_CACHE_DIR", str(workspace / "cache"),
             "INPUT.SIZE", "(32, 32)", f"TRAINER.{node}.PREC", "fp32", "DATALOADER.NUM_WORKERS", "0",
-            "DATALOADER.TEST.BATCH_SIZE", "5", *extra]
+            "DATALOADER.TEST.BATCH_SIZE", "5", *FEWER_SHOTS, *extra]
 
 
 def script_env(workspace, output):
@@ -562,7 +566,8 @@ def fixture_inputs(method: str):
 def ivlp_tiny_options(node: str, epochs: int = 2, vision: bool = True):
     """IVLP's and PromptSRC's recipes scaled to the tiny CLIP (3 layers, 32 px) and to CPU."""
     options = ["MODEL.BACKBONE.PATH", "{clip}", "INPUT.SIZE", "(32, 32)", "OPTIM.MAX_EPOCH", str(epochs),
-               "DATALOADER.NUM_WORKERS", "0", f"TRAINER.{node}.PREC", "fp32", f"TRAINER.{node}.PROMPT_DEPTH_TEXT", "3"]
+               "DATALOADER.NUM_WORKERS", "0", f"TRAINER.{node}.PREC", "fp32", f"TRAINER.{node}.PROMPT_DEPTH_TEXT", "3",
+               *FEWER_SHOTS]
     return options + ([f"TRAINER.{node}.PROMPT_DEPTH_VISION", "3"] if vision else [])
 
 

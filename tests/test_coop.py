@@ -180,13 +180,16 @@ def test_config_nodes_are_the_releases():
     (its train.py extend_cfg), PREC included."""
     from dassl.config import get_cfg_default
 
+    from dassl.engine import TRAINER_REGISTRY
     from trainers.config import extend_cfg
     cfg = extend_cfg(get_cfg_default())
-    assert dict(cfg.TRAINER.COOP) == {"N_CTX": 16, "CSC": False, "CTX_INIT": "", "CLASS_TOKEN_POSITION": "end",
-                                      "PREC": "fp16"}
+    # TRAINER.COOP is shared with releases that read it (KgCoOp, TCP): a key they disagree on is None in
+    # the node and each trainer applies its own default
+    assert TRAINER_REGISTRY.get("CoOp").settings_from(cfg) == CoOpSettings(
+        n_ctx=16, csc=False, ctx_init="", class_token_position="end") and cfg.TRAINER.COOP.PREC == "fp16"
     assert dict(cfg.TRAINER.COCOOP) == {"N_CTX": 16, "CTX_INIT": "", "PREC": "fp16"}
     for method, node in (("coop", cfg.TRAINER.COOP), ("cocoop", cfg.TRAINER.COCOOP)):
-        assert all(set(case["config"]) == set(node) for case in load_fixture(method)["cases"].values())
+        assert all(set(case["config"]) <= set(node) for case in load_fixture(method)["cases"].values())
 
 
 def vlprompt_run(env, *args):

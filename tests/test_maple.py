@@ -324,7 +324,7 @@ def test_settings_are_the_releases_keys_and_defaults():
 # ---- with Dassl: the release's commands and checkpoints --------------------------------------------
 TINY_OPTIONS = ["INPUT.SIZE", "(32, 32)", "TRAINER.MAPLE.PROMPT_DEPTH", "3", "TRAINER.MAPLE.PREC", "fp32",
                 "OPTIM.MAX_EPOCH", "2", "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
-                "DATALOADER.TEST.BATCH_SIZE", "5"]
+                "DATALOADER.TEST.BATCH_SIZE", "5", "DATASET.ALLOW_FEWER_SHOTS", "True"]  # 4 images per class
 
 
 @pytest.fixture(scope="module")

@@ -90,8 +90,8 @@ def vlprompt_run(env, *args):
 
 @requires_dassl
 def test_a_method_registered_in_a_test_file_runs_sweeps_and_reports(workspace, tmp_path, capsys):
-    from vlprompt import sweep
-    from vlprompt.report import report
+    from vlprompt.experiments import sweep
+    from vlprompt.experiments.report import report
     before = repo_state()
     output = tmp_path / "output"
     env = dict(os.environ, DATA=str(workspace / "data"), OUTPUT=str(output), VLPROMPT_PLUGINS=os.path.abspath(__file__),

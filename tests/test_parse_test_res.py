@@ -96,9 +96,23 @@ def test_base2new_summary_table_and_files(tmp_path):
     assert average["base"] == pytest.approx((91 + 78) / 2) and average["new"] == pytest.approx((71 + 70) / 2)
     assert average["hm"] == pytest.approx(ptr.harmonic_mean(84.5, 70.5))
     csv_text = (tmp_path / "base2new_HiCroPL_c16.csv").read_text().splitlines()
-    assert csv_text[0] == "dataset,base,new,hm,seeds" and csv_text[2] == "dtd,80.00,,,1/0"
+    assert csv_text[0] == "dataset,base,new,hm,seeds" and csv_text[2] == "dtd,80.00,,,0 (no New: seed1)"
     md = (tmp_path / "base2new_HiCroPL_c16.md").read_text()
     assert "| eurosat" in md and "missing" in md and "| 79.77 " in md
+
+
+def test_base2new_hm_is_over_the_seeds_with_both_halves(tmp_path, capsys):
+    """Base from seeds 3 and 4, New from seed 4 only: all three numbers from seed 4, seed 3 named."""
+    common = "eurosat/shots_16/HiCroPL/c16"
+    for seed, acc in ((3, 90.0), (4, 80.0)):
+        write(tmp_path / "train_base" / common / f"seed{seed}" / "log.txt", train_log(acc))
+    write(tmp_path / "test_new" / common / "seed4" / "log.txt", eval_log(60.0))
+    write(tmp_path / "test_new" / common / "seed5" / "log.txt", eval_log(50.0))
+    rows, average, _ = ptr.base2new_summary(str(tmp_path))
+    assert (rows[0]["base"], rows[0]["new"]) == (80.0, 60.0)
+    assert rows[0]["hm"] == pytest.approx(ptr.harmonic_mean(80.0, 60.0))
+    assert rows[0]["seeds"] == "1 (no New: seed3; no Base: seed5)"
+    assert "| eurosat              | 80.00  | 60.00 | 68.57 | 1 (no New: seed3; no Base: seed5) |" in capsys.readouterr().out
 
 
 def test_base2new_needs_a_choice_between_methods(tmp_path):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlprompt import report_figures
-from vlprompt.report import build, main, report
+from vlprompt.experiments import report_figures
+from vlprompt.experiments.report import build, main, report
 from helpers import eval_log, train_log, write
 from test_parse_test_res import base2new_layout
 
@@ -229,7 +229,7 @@ def test_unfinished_runs_are_named_as_unfinished(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("KgCoOp", "give its config as KgCoOp/CFG"),
+    ("ProGrad", "give its config as ProGrad/CFG"),  # not registered (KgCoOp is now)
     ("ZeroshotCLIP", "ZeroshotCLIP has no fewshot runs"),
     ("X={output}/{foo}/{dataset}", "unknown placeholder(s) {foo}"),
     ("X={output}/{dataset", "the template does not parse"),
@@ -284,3 +284,28 @@ def test_a_failing_figure_writes_no_file(three_methods, monkeypatch):
         report("base2new", METHODS[1:], str(three_methods), DATASETS, out=str(out), **QUIET)
     assert (out / "base2new.md").read_text() == before  # the tables are written only with their figures
     assert not (out / "base2new.png").exists()
+
+
+def test_paper_keyword_prints_the_ten_rows_of_hicropls_table(tmp_path):
+    """`--method paper/CFG`: zero-shot CLIP, CoOp, CoCoOp, KgCoOp, MaPLe, PromptSRC, TCP, MMA, CoPrompt
+    and HiCroPL, in the paper's order, each read from its own runs."""
+    from vlprompt.methods.registry import PAPER_METHODS
+    trained = [trainer for _, trainer in PAPER_METHODS if trainer != "ZeroshotCLIP"]
+    for offset, trainer in enumerate(trained):
+        base2new_layout(tmp_path / "base2new", {"dtd": ((70.0 + offset,), (50.0 + offset,))}, trainer, "demo_toy")
+    write(tmp_path / "base2new/test_base/dtd/shots_16/ZeroshotCLIP/demo_toy/seed1/log.txt", eval_log(53.2))
+    write(tmp_path / "base2new/test_new/dtd/shots_16/ZeroshotCLIP/demo_toy/seed1/log.txt", eval_log(59.9))
+    report("base2new", ["paper/demo_toy"], str(tmp_path), ["dtd"], seeds=[1], out=str(tmp_path / "report"), **QUIET)
+    dtd = (tmp_path / "report" / "base2new.md").read_text().split("## DTD")[1].split("##")[0].strip().splitlines()
+    assert [row.split(" | ")[0][2:] for row in dtd[2:]] == [
+        "CLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "PromptSRC", "TCP", "MMA", "CoPrompt", "HiCroPL"]
+    assert "| MMA | 76.00 | 56.00 |" in "\n".join(dtd) and "| CLIP | 53.20 | 59.90 |" in "\n".join(dtd)
+
+
+def test_all_keyword_lists_every_registered_prompt_method():
+    from vlprompt.methods.registry import prompt_methods
+    from vlprompt.experiments.report import expand_method_keywords
+    expanded = expand_method_keywords(["all/demo_toy"], "base2new")
+    assert expanded[0] == "CLIP=ZeroshotCLIP/demo_toy"
+    assert [spec.split("=")[-1] for spec in expanded] == [f"{m.name}/demo_toy" for m in prompt_methods()]
+    assert "EdgeCNN/demo_toy" not in expanded and {"DCP/demo_toy", "IVLP/demo_toy"} <= set(expanded)

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import ROOT, requires_dassl
-from vlprompt import sweep
-from vlprompt.results import TEST_END, TRAIN_END, read_run
+from vlprompt.experiments import sweep
+from vlprompt.experiments.results import TEST_END, TRAIN_END, read_run
 
 
 def test_grid_orders_tests_after_their_training():
@@ -117,7 +117,7 @@ def test_local_executor_runs_skips_and_resumes_a_tiny_grid(workspace, tmp_path, 
     assert sweep.main(argv) == 0  # everything finished: nothing is started
     assert "4 runs, 4 finished already, 0 to run" in capsys.readouterr().out
 
-    from vlprompt.report import report  # the report on this grid
+    from vlprompt.experiments.report import report  # the report on this grid
     result = report("base2new", ["HiCroPL/demo_tiny_clip"], str(output), ["caltech101"], seeds=[1, 2],
                     out=str(tmp_path / "report"), echo=lambda *_: None)
     assert result.rows[0].datasets["caltech101"].complete and result.rows[0].average.complete

@@ -146,6 +146,9 @@ def device_report(device: torch.device, visible_gpus: int) -> List[str]:
 
 class CheckpointedTrainer(TrainerX):
     scaler = None  # a torch.amp.GradScaler when the trainer uses one
+    # Evaluation logits of one image do not depend on the others in its batch (eval mode: no batch
+    # statistics), so the run record lets DATALOADER.TEST.BATCH_SIZE differ on resume.
+    batch_independent_eval = True
     amp_skipped = 0  # optimizer steps the scaler skipped this epoch
 
     @property
@@ -227,6 +230,7 @@ class CheckpointedTrainer(TrainerX):
         super().before_epoch()
         self.amp_skipped = 0
         self.finite_guard = FiniteGuard()
+        self.epoch_started = time.time()
 
     def run_epoch(self):
         """Dassl's TrainerX.run_epoch (same progress lines, same numbers) with one host read per
@@ -272,6 +276,10 @@ class CheckpointedTrainer(TrainerX):
                   f"(inf/NaN gradients); scale now {self.scaler.get_scale():g}")
         super().after_epoch()
         self.save_resume_state(self.epoch)
+        # Dassl's per-batch "eta" extrapolates this epoch's batches, the slow first one included (5
+        # minutes shown for a one-minute demo); this one is from whole epochs, evaluation included.
+        self.epoch_times = getattr(self, "epoch_times", []) + [time.time() - self.epoch_started]
+        print(epoch_eta(self.epoch_times, self.epoch, self.max_epoch))
 
     def after_train(self):
         super().after_train()
@@ -398,6 +406,13 @@ class CheckpointedTrainer(TrainerX):
     def load_state_for(self, name, path):
         """Read a checkpoint of ours; subclasses may also accept other formats."""
         return self._read_checkpoint(path)
+
+
+def epoch_eta(epoch_times: List[float], epoch: int, max_epoch: int) -> str:
+    """The time left at the average time of the epochs run so far (in this process)."""
+    average = sum(epoch_times) / len(epoch_times)
+    left = datetime.timedelta(seconds=round(average * (max_epoch - epoch - 1)))
+    return f"epoch {epoch + 1}/{max_epoch} took {epoch_times[-1]:.1f} s; {left} left at the average epoch time ({average:.1f} s)"
 
 
 def latest_checkpoint(folder: str) -> str:

@@ -12,6 +12,7 @@
   reuses frozen image features of val/test images across passes, seeds and configs (on disk).
 The model contract is vlprompt.methods.base.PromptModel.
 """
+import os
 import os.path as osp
 
 import PIL
@@ -26,7 +27,7 @@ from vlprompt.clip.encoders import PromptedImageEncoder, PromptedTextEncoder
 from vlprompt.clip.image_features import ImageFeatureCache
 from vlprompt.clip.loading import architecture_shape, backbone_shape, cast_clip, load_clip
 from vlprompt.errors import InvalidValue, UserError
-from vlprompt.files import cache_root, load_strict, read_checkpoint, tensors_fingerprint
+from vlprompt.files import CheckpointError, cache_root, load_strict, read_checkpoint, tensors_fingerprint, written_by
 from vlprompt.methods import settings as method_settings
 from vlprompt.methods.registry import ConfigLayout, MethodSpec, lookup
 
@@ -66,6 +67,9 @@ def check_input_size(cfg, resolution: int) -> None:
     if tuple(cfg.INPUT.SIZE) != (resolution, resolution):
         raise InvalidValue(f"INPUT.SIZE={tuple(cfg.INPUT.SIZE)} does not match the backbone's input "
                          f"resolution {resolution}: set INPUT.SIZE ({resolution}, {resolution})")
+
+
+RECIPES = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "configs", "trainers")
 
 
 class ClipPromptTrainer(CheckpointedTrainer):
@@ -110,6 +114,9 @@ class ClipPromptTrainer(CheckpointedTrainer):
         super().check_cfg(cfg)
         check_precision(cls.precision_of(cfg), cls.key("prec"), on_cuda=cfg.USE_CUDA and torch.cuda.is_available())
         settings = cls.settings_from(cfg)
+        if cfg.DATALOADER.K_TRANSFORMS > 1 and not getattr(cls.spec.model, "takes_views", False):
+            raise InvalidValue(f"DATALOADER.K_TRANSFORMS={cfg.DATALOADER.K_TRANSFORMS} is invalid for "
+                               f"{cls.spec.name}: it trains on one view of each image; set DATALOADER.K_TRANSFORMS 1")
         texts = cls.spec.class_texts(settings, cfg.DATASET.NAME) if cls.spec.class_texts else None
         chosen = cfg.DATASET.DESCRIPTIONS_FILE
         if texts is not None and texts.descriptions and chosen and not osp.isfile(chosen):
@@ -125,8 +132,52 @@ class ClipPromptTrainer(CheckpointedTrainer):
         backbone = cfg.MODEL.BACKBONE
         shape = None if backbone.PATH else architecture_shape(backbone.NAME)
         if shape is not None:  # OpenAI's named backbones: their shapes are known without weights
-            cls.validate_for(settings, shape)
+            cls.check_fit(cfg, settings, shape)
+
+    @classmethod
+    def misfits(cls, cfg, settings, shape) -> list:
+        """What in the config does not fit the backbone's shape: every mismatch, not the first only."""
+        problems = []
+        try:
             check_input_size(cfg, shape.image_resolution)
+        except InvalidValue as err:
+            problems.append(str(err))
+        try:
+            cls.validate_for(settings, shape)
+        except InvalidValue as err:
+            problems.append(str(err))
+        return problems
+
+    @classmethod
+    def check_fit(cls, cfg, settings, shape) -> None:
+        """The config fits the backbone, or one message with all mismatches and the shipped recipes
+        of this trainer that do fit it (the toy CLIP needs CFG=demo_toy, not the papers' recipes)."""
+        problems = cls.misfits(cfg, settings, shape)
+        if problems:
+            fitting = cls.fitting_recipes(shape)
+            hint = (f". The recipe does not fit this backbone; {' and '.join(fitting)} "
+                    f"{'fits' if len(fitting) == 1 else 'fit'} it: CFG={fitting[0]} for the scripts, --config-file "
+                    f"{osp.join(RECIPES, cls.spec.name, fitting[0] + '.yaml')} for train.py" if fitting else "")
+            raise InvalidValue("; ".join(problems) + hint)
+
+    @classmethod
+    def fitting_recipes(cls, shape) -> list:
+        """The names of configs/trainers/<method>/*.yaml whose input size and settings fit `shape`."""
+        from dassl.config import get_cfg_default
+
+        from .config import extend_cfg  # trainers.config imports this module
+        folder = osp.join(RECIPES, cls.spec.name)
+        names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if osp.isdir(folder) else []
+        fitting = []
+        for name in names:
+            cfg = extend_cfg(get_cfg_default())
+            try:
+                cfg.merge_from_file(osp.join(folder, name + ".yaml"))
+                if not cls.misfits(cfg, cls.settings_from(cfg), shape):
+                    fitting.append(name)
+            except Exception:  # noqa: BLE001  a recipe that does not even load does not fit
+                continue
+        return sorted(fitting, key=lambda name: name != "demo_toy")  # the demo's recipe (toy world) first
 
     # ---- model -----------------------------------------------------------------------------
     def load_frozen_clip(self):
@@ -134,7 +185,8 @@ class ClipPromptTrainer(CheckpointedTrainer):
         backbone = self.cfg.MODEL.BACKBONE
         print(f"Loading CLIP (backbone: {backbone.NAME}{', file: ' + backbone.PATH if backbone.PATH else ''})")
         clip_model = load_clip(backbone.NAME, backbone.PATH, backbone.DOWNLOAD_ROOT or None)
-        check_input_size(self.cfg, clip_model.visual.input_resolution)
+        # the run record keeps it: a resumed run must use the weights it started with
+        self.backbone_fingerprint = tensors_fingerprint(clip_model.state_dict().items())
         return clip_model.to(self.device)
 
     def frozen_class_features(self, clip_model, settings):
@@ -151,7 +203,7 @@ class ClipPromptTrainer(CheckpointedTrainer):
         try:
             return frozen_class_features(PromptedTextEncoder(clip_model), self.dm.dataset.classnames, path,
                                          templates=texts.templates, store=store, chunk=chunk,
-                                         normalize_each=texts.normalize_each)
+                                         normalize_each=texts.normalize_each, keep_each=texts.keep_each)
         except DescriptionsError as err:
             raise DescriptionsError(f"{err} (set by DATASET.DESCRIPTIONS_FILE / DATASET.DESCRIPTIONS_DIR)") from err
 
@@ -165,7 +217,7 @@ class ClipPromptTrainer(CheckpointedTrainer):
         cfg = self.cfg
         settings = self.settings_from(cfg)
         clip_model = self.load_frozen_clip()
-        self.validate_for(settings, backbone_shape(clip_model))  # a local file's shape is known now
+        self.check_fit(cfg, settings, backbone_shape(clip_model))  # a local file's shape is known now
         frozen_text_features = self.frozen_class_features(clip_model, settings)
         self.to_compute_precision(clip_model)
         self.model = self.spec.model(clip_model, settings, self.dm.dataset.classnames, frozen_text_features)
@@ -178,6 +230,10 @@ class ClipPromptTrainer(CheckpointedTrainer):
         if cfg.MODEL.INIT_WEIGHTS:
             state = self.load_state_for(self.spec.checkpoint_folder, cfg.MODEL.INIT_WEIGHTS)
             load_strict(trainable, state["state_dict"], cfg.MODEL.INIT_WEIGHTS)
+        chosen = self.layout.dataset_config.get(cfg.DATASET.NAME)
+        if chosen:
+            print(f"The release's values for {cfg.DATASET.NAME} (over the config file; command-line options win): "
+                  + ", ".join(f"{key} {value}" for key, value in chosen.items()))
         print(f"{type(self).__name__}: {settings}")
         print(f"{len(self.dm.dataset.classnames)} classes, prompt prefix '{getattr(self.model, 'prompt_prefix', '')}'")
         self.model.to(self.device)
@@ -203,7 +259,12 @@ class ClipPromptTrainer(CheckpointedTrainer):
         weights = state.get("state_dict", state)
         if release is not None and release.recognizes(weights):
             print(f"{path} is a checkpoint of the official release: converting its key names")
-            return {**state, "state_dict": release.convert(weights), "epoch": state.get("epoch")}
+            try:
+                converted = release.convert(weights)
+            except (KeyError, ValueError) as err:  # a release file of another method (same folder name)
+                raise CheckpointError(f"{path} is not a {self.spec.name} release checkpoint ({err.args[0]}). "
+                                      f"{written_by(weights, path)}") from err
+            return {**state, "state_dict": converted, "epoch": state.get("epoch")}
         return state
 
     def train(self):
@@ -244,8 +305,13 @@ class ClipPromptTrainer(CheckpointedTrainer):
         return summary
 
     def parse_batch_train(self, batch):
+        """(images, labels); with DATALOADER.K_TRANSFORMS > 1 Dassl gives a list of augmented views
+        of each image, passed on as a list [K x [B, 3, H, W]] (only models with `takes_views`)."""
+        images = batch["img"]
         # asynchronous from the loader's pinned memory (a GPU run): the copy overlaps compute
-        return batch["img"].to(self.device, non_blocking=True), batch["label"].to(self.device, non_blocking=True)
+        if isinstance(images, (list, tuple)):
+            return [view.to(self.device, non_blocking=True) for view in images], batch["label"].to(self.device, non_blocking=True)
+        return images.to(self.device, non_blocking=True), batch["label"].to(self.device, non_blocking=True)
 
     # ---- evaluate --------------------------------------------------------------------------
     feature_cache = None

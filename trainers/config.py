@@ -44,6 +44,9 @@ def extend_cfg(cfg: CN) -> CN:
     cfg.DATASET.DESCRIPTIONS_FILE = ""
     # True: no descriptions file is an error (the paper's setting guaranteed), not the templates
     cfg.DATASET.REQUIRE_DESCRIPTIONS = False
+    # Few-shot runs: a class with fewer training images than NUM_SHOTS is refused (the run would be
+    # labelled with shots it did not use); True trains on the images there are and says how many.
+    cfg.DATASET.ALLOW_FEWER_SHOTS = False
     # RAF-DB's labels: "raf" (its own order) or "fer" (FER-2013's, for cross-dataset tests)
     cfg.DATASET.RAF_LABEL_ORDER = "raf"
 
@@ -60,14 +63,27 @@ def extend_cfg(cfg: CN) -> CN:
     return cfg
 
 
+def dataset_config_options(cfg: CN) -> list:
+    """[KEY, VALUE, ...]: what the release of TRAINER.NAME sets for DATASET.NAME (its layout's
+    `dataset_config`; train.py merges it after the config files, before the command line)."""
+    for spec in methods():
+        for name, layout in spec.trainer_names():
+            if name == cfg.TRAINER.NAME:
+                values = layout.dataset_config.get(cfg.DATASET.NAME, {})
+                return [item for key, value in values.items() for item in (key, value)]
+    return []
+
+
 def config_claims() -> dict:
-    """{path under TRAINER: [(default, has a legacy converter)]} over every registered trainer."""
+    """{path under TRAINER: [(default, has a legacy converter or a per-dataset default)]} over every
+    registered trainer."""
     claims = {}
     for spec in methods():
         for name, layout in spec.trainer_names():
             for setting in fields(spec.settings):
                 claims.setdefault(layout.path(setting.name), []).append(
-                    (layout.default(setting.name, spec.settings), setting.name in layout.legacy))
+                    (layout.default(setting.name, spec.settings),
+                     setting.name in layout.legacy or setting.name in layout.per_dataset))
             if issubclass(TRAINER_REGISTRY.get(name), ClipPromptTrainer):
                 claims.setdefault(layout.path("prec"), []).append(("fp16", False))  # fp32 | fp16 | bf16 | amp
     return claims

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -101,9 +102,60 @@ def tensors_fingerprint(named_tensors) -> str:
     return digest.hexdigest()
 
 
+def _key_sample(keys, count: int = 4) -> str:
+    """A few names of a state dict, layer numbers folded (encoder.resblocks.*.prompt_attn...)."""
+    names = []
+    for key in keys:
+        name = re.sub(r"\.\d+(?=\.|$)", ".*", key)
+        if name not in names:
+            names.append(name)
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+def written_by(state: dict, source: str) -> str:
+    """Whose checkpoint `state` seems to be: a release whose key names a method's converter reads
+    (narrowed by the file's folder), else the methods the path's trainer and folder name."""
+    from .methods.registry import methods  # here: the registry imports every method module
+    folder = os.path.basename(os.path.dirname(os.path.abspath(source)))
+    releases = []
+    for spec in methods():
+        release = spec.release_checkpoint
+        if release is None or not release.recognizes(state):
+            continue
+        try:
+            release.convert(state)
+        except Exception:  # noqa: BLE001  its converter refuses these keys: not that release
+            continue
+        releases.append(spec)
+    releases = [s for s in releases if s.checkpoint_folder == folder] or releases
+    # a release's trainer names first (CMPA, then DCP)
+    readers = [(" or ".join(s.release_names) or s.name, [*s.release_names, s.name]) for s in releases]
+    if len(readers) == 1:
+        (name, trainers), = readers
+        return (f"Its key names are those of the official {name} release's checkpoints: run it with --trainer "
+                f"{' (or '.join(trainers)}{')' * (len(trainers) - 1)}, which converts them.")
+    if readers:
+        return ("Its key names are accepted by the release-checkpoint conversion of " + ", ".join(
+            f"{name} (--trainer {' or '.join(trainers)})" for name, trainers in readers) +
+            ": run it with the one whose release wrote it.")
+    parts = set(os.path.abspath(source).split(os.sep))
+    named = sorted({names[0] for s in methods() for names in s.trainer_names() if names[0] in parts})
+    keeping = sorted(s.name for s in methods() if s.checkpoint_folder == folder)
+    hints = ([f"its path names the trainer {' and '.join(named)}"] if named else []) + (
+        [f"its folder {folder}/ is where {', '.join(keeping)} keep theirs"] if keeping else [])
+    return (f"It looks like another method's checkpoint ({'; '.join(hints)}): " if hints
+            else "It looks like another method's checkpoint: ") + \
+        "run it with the --trainer (and config) that wrote it."
+
+
 def load_strict(module: torch.nn.Module, state: dict, source: str) -> None:
-    """load_state_dict(strict) with an error naming the mismatched keys and shapes."""
+    """load_state_dict(strict) with an error naming the mismatched keys and shapes, or, when no
+    key matches at all, naming whose checkpoint the file seems to be."""
     expected = module.state_dict()
+    if state and expected and not set(state) & set(expected):
+        raise CheckpointError(
+            f"{source} was not written for this model: none of its keys ({_key_sample(state)}) is a key of "
+            f"{type(module).__name__} ({_key_sample(expected)}). {written_by(state, source)}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"

@@ -17,7 +17,7 @@ check_inputs() {  # DATASET CFG
 
 finished() {  # FOLDER train|test: whether the run in FOLDER logged its final result
     PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -c \
-        "import sys; from vlprompt.results import finished; sys.exit(0 if finished(sys.argv[1], sys.argv[2]) else 1)" "$1" "$2"
+        "import sys; from vlprompt.experiments.results import finished; sys.exit(0 if finished(sys.argv[1], sys.argv[2]) else 1)" "$1" "$2"
 }
 
 run_train_py() {  # train.py ARGS...: CoOp on $DATA

@@ -1,6 +1,7 @@
 """Frozen CLIP class text features: per class, the renormalised mean of normalised features of
 several texts (GPT-written descriptions, or prompt templates), cached on disk. A method may ask
-for the renormalised mean of the raw features instead (`normalize_each=False`, PromptSRC's).
+for the renormalised mean of the raw features instead (`normalize_each=False`, PromptSRC's), or
+for every text's normalised feature, unaveraged (`keep_each=True`, CoPrompt's: [C, T, E]).
 """
 import hashlib
 import json
@@ -66,10 +67,16 @@ PROGRESS_MIN_CHUNKS = 10  # class sets this large report their progress (every t
 
 @torch.no_grad()
 def encode_texts_per_class(text_encoder: PromptedTextEncoder, texts: List[List[str]], chunk: int = 256,
-                           progress: Optional[Callable[[str], None]] = None, normalize_each: bool = True) -> Tensor:
+                           progress: Optional[Callable[[str], None]] = None, normalize_each: bool = True,
+                           keep_each: bool = False) -> Tensor:
     """[C, E] fp32: normalise each text feature (unless `normalize_each` is False: the raw
     features are averaged, as PromptSRC does), average per class, renormalise. Computed on the
-    encoder's device, `chunk` texts at a time."""
+    encoder's device, `chunk` texts at a time. `keep_each`: [C, T, E], every text's normalised
+    feature (every class needs the same number T of texts)."""
+    if keep_each and len({len(group) for group in texts}) > 1:
+        counts = sorted({len(group) for group in texts})
+        raise DescriptionsError(f"one feature per text needs the same number of texts for every class; "
+                                f"the classes have {counts} texts: give each class as many descriptions")
     flat = [t for group in texts for t in group]
     device = text_encoder.text_projection.device
     n_chunks = -(-len(flat) // chunk)
@@ -82,8 +89,10 @@ def encode_texts_per_class(text_encoder: PromptedTextEncoder, texts: List[List[s
             done = min(start + chunk, len(flat))
             progress(f"class text features: {done}/{len(flat)} texts of {len(texts)} classes encoded")
     features = torch.cat(features)
-    if normalize_each:
+    if normalize_each or keep_each:
         features = features / features.norm(dim=-1, keepdim=True)
+    if keep_each:
+        return features.reshape(len(texts), len(texts[0]), -1)
     out, start = [], 0
     for group in texts:
         mean = features[start:start + len(group)].mean(dim=0)
@@ -110,27 +119,31 @@ class ClassFeatureStore:
             self._fingerprints[text_encoder] = text_tower_fingerprint(text_encoder)
         return self._fingerprints[text_encoder]
 
-    def path_for(self, text_encoder, classnames, texts, normalize_each: bool = True) -> Optional[str]:
+    def path_for(self, text_encoder, classnames, texts, normalize_each: bool = True,
+                 keep_each: bool = False) -> Optional[str]:
         if not self.directory:
             return None
         key = {"backbone": self._fingerprint(text_encoder), "dtype": str(text_encoder.dtype),
                "classnames": list(classnames), "texts": texts}
         if not normalize_each:  # only then: the keys of features cached before stay valid
             key["mean"] = "raw"
+        if keep_each:
+            key["mean"] = "none: one feature per text"
         payload = json.dumps(key)
         digest = hashlib.sha256(payload.encode()).hexdigest()[:32]
         return os.path.join(self.directory, "class_features", f"{digest}.pt")
 
     def features(self, text_encoder: PromptedTextEncoder, classnames: Sequence[str],
-                 texts: List[List[str]], chunk: int = 256, normalize_each: bool = True) -> Tensor:
-        path = self.path_for(text_encoder, classnames, texts, normalize_each)
+                 texts: List[List[str]], chunk: int = 256, normalize_each: bool = True,
+                 keep_each: bool = False) -> Tensor:
+        path = self.path_for(text_encoder, classnames, texts, normalize_each, keep_each)
         cached = read_tensor_cache(path, self.report)
         if isinstance(cached, dict) and "features" in cached:
             if cached.get("classnames") == list(classnames):
                 self.report(f"class text features read from cache {path}")
                 return cached["features"]
         features = encode_texts_per_class(text_encoder, texts, chunk, progress=self.report,
-                                          normalize_each=normalize_each).cpu()
+                                          normalize_each=normalize_each, keep_each=keep_each).cpu()
         if path:
             atomic_torch_save({"classnames": list(classnames), "features": features}, path)
             self.report(f"class text features cached at {path}")
@@ -141,10 +154,10 @@ def frozen_class_features(text_encoder: PromptedTextEncoder, classnames: Sequenc
                           descriptions_path: Optional[str] = None,
                           templates: Sequence[str] = GENERIC_TEMPLATES,
                           store: Optional[ClassFeatureStore] = None, chunk: int = 256,
-                          normalize_each: bool = True) -> Tensor:
+                          normalize_each: bool = True, keep_each: bool = False) -> Tensor:
     """Class text features of frozen CLIP [C, E] fp32 on the CPU, from descriptions when the file
-    exists, else templates, computed on the encoder's device (`normalize_each`: see
-    encode_texts_per_class). Which source was used, and the
+    exists, else templates, computed on the encoder's device (`normalize_each`, `keep_each` ([C,
+    T, E]): see encode_texts_per_class). Which source was used, and the
     progress over large class sets, is reported through the store's `report` (logging by default)."""
     store = store or ClassFeatureStore(None)
     if descriptions_path and os.path.isfile(descriptions_path):
@@ -161,4 +174,4 @@ def frozen_class_features(text_encoder: PromptedTextEncoder, classnames: Sequenc
     else:  # the method's own recipe uses templates: nothing is missing
         texts = texts_per_class(classnames, None, templates)
         store.report(f"frozen class text features from {len(templates)} prompt templates")
-    return store.features(text_encoder, classnames, texts, chunk, normalize_each)
+    return store.features(text_encoder, classnames, texts, chunk, normalize_each, keep_each)

@@ -12,6 +12,13 @@ G contexts for the same classes at once (`encode_per_context`: CoCoOp's one cont
 
 Each encoder exposes embed / run_layer / prompt_states / features so that a method can step
 several streams in lockstep and exchange information between layers (`run_lockstep`).
+
+Adapters (MMA) change what a layer outputs rather than its input: `layer_output(i, x, y)` gets
+layer i's input x and output y [N, L, D] and returns the output the next layer reads. It must
+treat every token on its own (a per-token function of x and y, as a bottleneck adapter is), so
+that the exact shortcuts stay exact: a token after a sequence's EOT never reaches its EOT feature
+(cut at EOT), and a prefix shared by all sequences gives them the same prefix states (the hook
+sees the prefix and the class-specific rest as separate calls). No hook, no change.
 """
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -23,6 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from .ops import residual_block, residual_block_shared_prefix
 
 Prompt = Optional[Tensor]  # [n, D] shared by the batch, or [N, n, D] one per sequence
+# layer_output(i, layer input, layer output) -> the output layer i + 1 reads; per token (see above)
+LayerOutput = Optional[Callable[[int, Tensor, Tensor], Tensor]]
 
 
 @dataclass
@@ -113,14 +122,20 @@ class PromptedTextEncoder(nn.Module):
         body = torch.cat([x[:, :1], _as_batch(prompt, x.shape[0]), x[:, 1 + n:]], dim=1)
         return replace(state, body=body)
 
-    def run_layer(self, i: int, state: TextState, prompt: Prompt = None) -> TextState:
+    def run_layer(self, i: int, state: TextState, prompt: Prompt = None,
+                  layer_output: LayerOutput = None) -> TextState:
         if prompt is not None:
             state = self._replace_prompt(state, prompt)
         block = self.blocks[i]
         if state.prefix is not None:  # one prefix for all, one each, or one per group (embed_per_context)
             prefix, body = _run_block(self, residual_block_shared_prefix, block, state.prefix, state.body)
+            if layer_output is not None:
+                prefix, body = layer_output(i, state.prefix, prefix), layer_output(i, state.body, body)
             return replace(state, prefix=prefix, body=body)
-        return replace(state, body=_run_block(self, residual_block, block, state.body, causal=True))
+        body = _run_block(self, residual_block, block, state.body, causal=True)
+        if layer_output is not None:
+            body = layer_output(i, state.body, body)
+        return replace(state, body=body)
 
     def prompt_states(self, state: TextState) -> Tensor:
         """[P, n, D] hidden states at the prompt positions (P == 1 when shared)."""
@@ -134,15 +149,17 @@ class PromptedTextEncoder(nn.Module):
         x = state.body[rows, state.eot - offset]
         return self.ln_final(x) @ self.text_projection.to(x.dtype)
 
-    def forward(self, token_ids: Tensor, prompts: Sequence[Prompt] = (), order: Optional[Tensor] = None) -> Tensor:
+    def forward(self, token_ids: Tensor, prompts: Sequence[Prompt] = (), order: Optional[Tensor] = None,
+                layer_output: LayerOutput = None) -> Tensor:
         """Features of `token_ids` [C, 77]; prompts[i] (if any) enters before layer i; `order`
-        rearranges the first layer's sequences (see `embed`; first-layer prompts only)."""
+        rearranges the first layer's sequences (see `embed`; first-layer prompts only);
+        `layer_output` adapts every layer's output (see the module's docstring)."""
         prompts = _check_depth(prompts, self.depth, "text")
         if order is not None and len(prompts) > 1:
             raise ValueError("deep prompts replace positions 1..n: they cannot follow a rearranged first layer")
         state = self.embed(token_ids, prompts[0] if prompts else None, order=order)
         for i in range(self.depth):
-            state = self.run_layer(i, state, prompts[i] if 0 < i < len(prompts) else None)
+            state = self.run_layer(i, state, prompts[i] if 0 < i < len(prompts) else None, layer_output)
         return self.features(state)
 
     def embed_per_context(self, token_ids: Tensor, contexts: Tensor) -> TextState:
@@ -227,14 +244,16 @@ class PromptedImageEncoder(nn.Module):
         tokens = torch.cat([cls, _as_batch(prompt.to(self.dtype), 1)], dim=1)
         return ImageState(tokens=self.ln_pre(tokens), n_prompt=prompt.shape[-2])
 
-    def run_layer(self, i: int, state: ImageState, prompt: Prompt = None) -> ImageState:
+    def run_layer(self, i: int, state: ImageState, prompt: Prompt = None,
+                  layer_output: LayerOutput = None) -> ImageState:
         x = state.tokens
         if prompt is not None:
             n = state.n_prompt
             if prompt.shape[-2] != n:
                 raise ValueError(f"visual prompt has {prompt.shape[-2]} tokens, the sequence has {n} slots")
             x = torch.cat([x[:, :-n], _as_batch(prompt.to(x.dtype), x.shape[0])], dim=1)
-        return replace(state, tokens=_run_block(self, residual_block, self.blocks[i], x))
+        y = _run_block(self, residual_block, self.blocks[i], x)
+        return replace(state, tokens=y if layer_output is None else layer_output(i, x, y))
 
     def prompt_states(self, state: ImageState) -> Tensor:
         return state.tokens[:, state.tokens.shape[1] - state.n_prompt:]  # [B, n, D]
@@ -243,11 +262,11 @@ class PromptedImageEncoder(nn.Module):
         x = self.ln_post(state.tokens[:, 0])
         return x @ self.proj.to(x.dtype)
 
-    def forward(self, images: Tensor, prompts: Sequence[Prompt] = ()) -> Tensor:
+    def forward(self, images: Tensor, prompts: Sequence[Prompt] = (), layer_output: LayerOutput = None) -> Tensor:
         prompts = _check_depth(prompts, self.depth, "image")
         state = self.embed(images, prompts[0] if prompts else None)
         for i in range(self.depth):
-            state = self.run_layer(i, state, prompts[i] if 0 < i < len(prompts) else None)
+            state = self.run_layer(i, state, prompts[i] if 0 < i < len(prompts) else None, layer_output)
         return self.features(state)
 
 
@@ -305,18 +324,23 @@ State = Union[TextState, ImageState]
 BetweenLayers = Callable[[int, List[Tensor]], Sequence[Prompt]]
 
 
-def run_lockstep(encoders: Sequence[Encoder], states: Sequence[State], between_layers: BetweenLayers) -> List[State]:
+def run_lockstep(encoders: Sequence[Encoder], states: Sequence[State], between_layers: BetweenLayers,
+                 layer_outputs: Sequence[LayerOutput] = ()) -> List[State]:
     """Step several streams (text, images, ...) layer by layer; before each layer i >= 1,
-    `between_layers` sees every stream's prompt states and returns each stream's new prompts.
+    `between_layers` sees every stream's prompt states and returns each stream's new prompts;
+    `layer_outputs` (optional, one per stream or None) adapt each stream's layer outputs.
     Streams of different depths (ViT-L: 24 vision, 12 text layers) stop at their own depth."""
     states = list(states)
+    hooks = list(layer_outputs) or [None] * len(states)
+    if len(hooks) != len(states):
+        raise ValueError(f"{len(hooks)} layer_outputs for {len(states)} streams")
     for i in range(max(e.depth for e in encoders)):
         prompts = [None] * len(states)
         if i > 0:
             prompts = between_layers(i, [e.prompt_states(s) for e, s in zip(encoders, states)])
         for k, (encoder, prompt) in enumerate(zip(encoders, prompts)):
             if i < encoder.depth:
-                states[k] = encoder.run_layer(i, states[k], prompt)
+                states[k] = encoder.run_layer(i, states[k], prompt, hooks[k])
     return states
 
 

@@ -50,6 +50,8 @@ class PromptModel(Protocol):
 
     # Optional (the trainer calls them when the model has them; PromptedCLIPClassifier has
     # defaults): end_epoch(epoch, max_epoch), run_state() -> dict, load_run_state(dict).
+    # A model class with `takes_views = True` has a `loss` that also accepts a list of augmented
+    # views of the batch [K x [B, 3, H, W]] (DATALOADER.K_TRANSFORMS K > 1); others refuse K > 1.
 
 
 class PromptedCLIPClassifier(nn.Module):

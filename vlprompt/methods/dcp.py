@@ -21,9 +21,10 @@ SOS and the prompts). How the two sides meet is FUSING:
   on the other images of its batch.
 TEXT_UPDATE False reproduces the release, which computes the text update but never splices it in.
 """
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from clip.model import QuickGELU
@@ -33,7 +34,7 @@ from ..clip.encoders import run_lockstep
 from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
 from .common import MAX_CONTEXT_TOKENS
-from .registry import register_method
+from .registry import ReleaseCheckpoint, register_method, without_data_parallel
 from .settings import BackboneShape, ConfigError, checked, option
 
 BATCH_FUSINGS = ("mean", "first", "max")  # the release's: one fused visual state per batch
@@ -219,10 +220,73 @@ class DCP(PromptedCLIPClassifier):
         return self.logits(self.image_side(images, text_states), text)
 
 
+# ---- the release's checkpoints ---------------------------------------------------------------
+# CMPA registers its whole CustomCLIP with Dassl, so its files hold, besides frozen CLIP
+# (`encoder.*`, `logit_scale`) and the class-bound `prompt_learner.token_prefix/suffix`:
+# the first-layer contexts `prompt_learner.prompts_text` / `prompts_visual`, and a
+# PromptAttention module under every block, `encoder.resblocks.<i>.prompt_attn.*` (with PS the
+# one shared module saved once per block). Its forward calls block i's module before layer i for
+# i = 1..PROMPT_DEPTH, never block 0's.
+RELEASE_CONTEXTS = {"prompt_learner.prompts_text": "text_context", "prompt_learner.prompts_visual": "visual_context"}
+RELEASE_PARTS = {  # PromptAttention's modules -> PromptUpdate's (direction.module)
+    "promt_attention_visual": "visual.attn", "ln_pa_1_visual": "visual.ln_1", "mlp_pa_visual": "visual.mlp",
+    "ln_pa_2_visual": "visual.ln_2", "proj_t2v": "visual.proj",  # text width -> visual width: the query
+    "promt_attention_text": "text.attn", "ln_pa_1_text": "text.ln_1", "mlp_pa_text": "text.mlp",
+    "ln_pa_2_text": "text.ln_2", "proj_v2t": "text.proj"}
+_PROMPT_ATTENTION = re.compile(r"encoder\.resblocks\.(\d+)\.prompt_attn\.([^.]+)\.(.+)")
+
+
+def is_release_state_dict(keys: Iterable[str]) -> bool:
+    return any(_PROMPT_ATTENTION.fullmatch(without_data_parallel(key)) for key in keys)
+
+
+def _at_initial_values(module: Dict[str, Tensor]) -> bool:
+    """Still PyTorch's initialisation where it is constant: LayerNorms 1 and 0, attention biases 0."""
+    ones = [f"{side}.{ln}.weight" for side in ("visual", "text") for ln in ("ln_1", "ln_2")]
+    zeros = [f"{side}.{ln}.bias" for side in ("visual", "text") for ln in ("ln_1", "ln_2")] + [
+        f"{side}.attn.{bias}" for side in ("visual", "text") for bias in ("in_proj_bias", "out_proj.bias")]
+    return all(bool((module[k] == 1).all()) for k in ones) and all(bool((module[k] == 0).all()) for k in zeros)
+
+
+def _modules_used(blocks: Dict[int, Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
+    """The release's PromptAttention modules in the order our `cmpa` list holds them. PS (every
+    block holds the same values): the one module. Per layer: blocks 1..PROMPT_DEPTH. The file does
+    not say PROMPT_DEPTH, but the modules of the later blocks never run, so never get a gradient
+    and keep their initial values: those trailing blocks are left out (as is block 0's)."""
+    first, *others = [blocks[b] for b in sorted(blocks)]
+    if all(torch.equal(module[k], first[k]) for module in others for k in first):
+        return [first]
+    used = [blocks[b] for b in sorted(blocks) if b > 0]
+    while used and _at_initial_values(used[-1]):
+        used.pop()
+    return used
+
+
+def convert_release_state_dict(release_state: Dict[str, Any]) -> Dict[str, Tensor]:
+    """The CMPA release's `MultiModalPromptLearner` state dict -> our DCPPromptLearner's (fp32)."""
+    ours, blocks = {}, {}
+    for key, value in release_state.items():
+        key = without_data_parallel(key)
+        if key in RELEASE_CONTEXTS:
+            ours[RELEASE_CONTEXTS[key]] = value.float()  # fp16 runs save them in fp16
+            continue
+        match = _PROMPT_ATTENTION.fullmatch(key)
+        if match is None:
+            continue  # frozen CLIP, logit_scale, the class-bound token buffers
+        block, part, rest = match.groups()
+        if part not in RELEASE_PARTS:
+            raise KeyError(f"unknown key {key} in a CMPA release checkpoint")
+        blocks.setdefault(int(block), {})[f"{RELEASE_PARTS[part]}.{rest}"] = value.float()
+    for index, module in enumerate(_modules_used(blocks) if blocks else []):
+        ours.update({f"cmpa.{index}.{name}": value for name, value in module.items()})
+    return ours
+
+
 register_method(
     "DCP", settings=DCPSettings, model=DCP, checkpoint_folder="MultiModalPromptLearner",  # the release's folder
     default_configs=dict.fromkeys(("base2new", "xd", "fewshot"), "vit_b16_c2_ep20_batch4_16ctx"),
     # the release's trainer name, with its behaviour as defaults: visual states fused by their
     # batch mean, the text update computed but not spliced in
     release_names={"CMPA": {"fusing": "mean", "text_update": False}},
+    release_checkpoint=ReleaseCheckpoint(is_release_state_dict, convert_release_state_dict),
     doc="docs/dcp.md")

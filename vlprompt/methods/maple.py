@@ -17,7 +17,7 @@ from ..clip.loading import backbone_shape
 from .base import PromptedCLIPClassifier
 from .common import (IVLP_FAMILY_INIT_MAX_TOKENS, MAX_CONTEXT_TOKENS, check_init_fills_context,
                      ivlp_family_init_words)
-from .registry import ReleaseCheckpoint, entries_under, keys_under, register_method
+from .registry import ReleaseCheckpoint, entries_under, keys_under, register_method, without_data_parallel
 from .settings import BackboneShape, ConfigError, checked, option
 
 
@@ -106,10 +106,16 @@ class MaPLe(PromptedCLIPClassifier):
 # `logit_scale` (frozen CLIP, which we never load from a prompt checkpoint).
 LEARNED = ("ctx", "proj.", "compound_prompts_text.", "compound_prompt_projections.")
 CLASS_BOUND = ("token_prefix", "token_suffix")
+CUSTOM_CLIP = ("prompt_learner.", "image_encoder.", "text_encoder.", "logit_scale")
 
 
 def convert_release_state_dict(release_state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """The release's `MultiModalPromptLearner` checkpoint state dict -> our prompt learner's (fp32)."""
+    # another release that saves MaPLe's prompt names in the same folder (CoPrompt: adapters beside
+    # them) is refused rather than loaded without its other parts
+    foreign = sorted(k for k in map(without_data_parallel, release_state) if not k.startswith(CUSTOM_CLIP))
+    if foreign:
+        raise KeyError(f"{foreign[0]} is no entry of a MaPLe release checkpoint")
     ours = {}
     for name, value in entries_under(release_state):
         if name in CLASS_BOUND:

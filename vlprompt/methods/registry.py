@@ -18,7 +18,7 @@ import importlib.util
 import os
 import pkgutil
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from .settings import BackboneShape, closest
@@ -33,10 +33,13 @@ class ClassTexts:
     """Where a method's frozen class text features come from: prompt `templates` ("{}" is the
     class name), or the dataset's class descriptions when `descriptions` is set and a
     descriptions file exists (the templates otherwise). `normalize_each` False averages the
-    texts' raw features before normalising (PromptSRC's recipe) instead of their normalised ones."""
+    texts' raw features before normalising (PromptSRC's recipe) instead of their normalised ones;
+    `keep_each` True keeps every text's normalised feature ([C, T, E], CoPrompt's: it picks one
+    text per step) instead of their mean."""
     templates: Tuple[str, ...]
     descriptions: bool = False
     normalize_each: bool = True
+    keep_each: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,16 @@ class ConfigLayout:
     # field -> f(value, dataset name): a release's legacy value as ours (applied to set values only)
     legacy: Mapping[str, Callable[[Any, str], Any]] = field(default_factory=dict)
     prec: str = ""  # path of PREC under TRAINER ("" = <node>.PREC)
+    # field -> f(dataset name): its default where the key is unset, for defaults that depend on the
+    # dataset (TCP's per-dataset class prompt words); such keys are None in the yacs node
+    per_dataset: Mapping[str, Callable[[str], Any]] = field(default_factory=dict)
+    # Dassl dataset name -> {full config key: value}: a release's per-dataset config (CoPrompt's
+    # trainers/constants.py), merged by train.py over the config files, below the command line
+    dataset_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def named(self, trainer: str) -> "ConfigLayout":
         """This layout with its node filled in for `trainer`."""
-        return self if self.node else ConfigLayout(trainer.upper(), self.keys, self.overrides, self.legacy, self.prec)
+        return self if self.node else replace(self, node=trainer.upper())
 
     def path(self, setting: str) -> str:
         """The path of a settings field (or "prec") under TRAINER, e.g. COOP.N_CTX."""
@@ -101,8 +110,9 @@ class ConfigLayout:
 
     def read(self, trainer_node: Mapping[str, Any], settings_type: type, dataset: str = "") -> Dict[str, Any]:
         """{field: value} from the config's TRAINER node: the overrides, then every key that is set
-        (None means "this trainer's default"), legacy values converted."""
-        values = dict(self.overrides)
+        (None means "this trainer's default", the dataset's for `per_dataset` fields), legacy values
+        converted."""
+        values = {**self.overrides, **{name: default(dataset) for name, default in self.per_dataset.items()}}
         for f in fields(settings_type):
             value = lookup(trainer_node, self.path(f.name))
             if value is None:

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 TRAIN_END = re.compile(r"^Finish(ed)? training")
 TEST_END = re.compile(r"^=> result")

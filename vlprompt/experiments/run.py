@@ -23,13 +23,13 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import layout
-from .device import VARIABLE as DEVICE_VARIABLE, requested_device
-from .errors import UserError
-from .methods.registry import MethodSpec, get_method, method_for_scripts
+from . import layout, record
+from ..device import VARIABLE as DEVICE_VARIABLE, requested_device
+from ..errors import UserError
+from ..methods.registry import MethodSpec, get_method, method_for_scripts
 from .results import finished
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_PY = os.path.join(REPO, "train.py")
 SHOTS = 16  # base-to-new and cross-dataset training use 16 shots, as in CoOp
 # task -> (its positional arguments, the task family whose default config it uses)
@@ -230,17 +230,50 @@ def train_here(args: Sequence[str]) -> int:
         sys.argv = saved_argv
 
 
+def train_argv(job: Job, options: Sequence[str]) -> List[str]:
+    """train.py's arguments for a job (its record's request, when it ran)."""
+    return ["--output-dir", job.folder, *job.args, *options]
+
+
+def resolved_config(argv: Sequence[str]) -> dict:
+    """The resolved config of a train.py command line, as its run record holds it."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    import train  # torch, Dassl: only when a finished run's request differs from this one
+    return train.resolved_config(argv)
+
+
+def finished_note(job: Job, argv: Sequence[str]) -> str:
+    """Whether a finished run may be skipped: its record's options are these (then a note on the
+    harmless ones that differ, if any), or a ChangedRun naming the keys that differ."""
+    recorded = record.read(job.folder)
+    if recorded is None:
+        return f" (it has no {record.RECORD_FILE}: made before runs were recorded, its options are not compared)"
+    if recorded.get("request") == record.request(argv):
+        return ""
+    changes = record.compare(recorded, resolved_config(argv))
+    if changes.relevant:
+        raise record.refusal(job.folder, changes, finished=True)
+    return "" if not changes.harmless else "; " + changes.harmless_note()
+
+
 def execute(job: Job, options: Sequence[str], python: str, here: bool = False) -> int:
-    """Runs the job unless it is finished or waits for a training; `here`: in this process (only
-    for the command's last job: train.py's logger takes over stdout)."""
-    if finished(job.folder, job.kind):
-        print(f"Results are available in {job.folder}: skipping (delete the folder to rerun)")
+    """Runs the job unless it is finished with the same options or waits for a training; `here`:
+    in this process (only for the command's last job: train.py's logger takes over stdout).
+    --restart among the options discards the run in the job's folder, finished or not."""
+    restart = "--restart" in options
+    options = [o for o in options if o != "--restart"]
+    args = train_argv(job, options)
+    if finished(job.folder, job.kind) and not restart:
+        print(f"Results are available in {job.folder}, made with these options: skipping "
+              f"(--restart to rerun){finished_note(job, args)}")
         return 0
     if job.needs and not finished(job.needs[0], "train"):
         print(f"No finished training in {job.needs[0]}: run {job.needs[1]} first", file=sys.stderr)
         return 1
-    print(describe(job.folder), flush=True)
-    args = ["--output-dir", job.folder, *job.args, *options]
+    print(f"Discarding the run in {job.folder} and starting over (--restart)" if restart and record.has_run(job.folder)
+          else describe(job.folder), flush=True)
+    args = ["--restart", *args] if restart else args
     if here:
         return train_here(args)
     return subprocess.run([python, TRAIN_PY, *args]).returncode
@@ -260,7 +293,13 @@ def main(argv=None, env=None, last_job_here: bool = False) -> int:
     python = env.get("PYTHON") or sys.executable
     for index, job in enumerate(jobs):
         here = last_job_here and index == len(jobs) - 1 and "PYTHON" not in env
-        code = execute(job, options, python, here)
+        try:
+            code = execute(job, options, python, here)
+        except UserError as err:  # a finished run made with other options
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # Ctrl-C reached train.py too, which said where it stopped
+            return 130
         if code != 0:
             return code
     return 0

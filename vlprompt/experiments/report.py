@@ -32,10 +32,12 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from . import layout
-from .errors import UserError
-from .files import OutputWriteError, atomic_write
-from .methods.registry import PAPER_METHODS, get_method, prompt_methods
+from . import layout, record
+from ..errors import UserError
+from ..files import OutputWriteError, atomic_write
+from ..methods.registry import PAPER_METHODS, get_method, prompt_methods
+from .cells import Average, Cell, pm, spread
+from .names import SYNTHETIC_MARK, display, is_synthetic, title
 from .results import TEST_END, TRAIN_END, harmonic_mean, read_run
 
 TASKS = ("base2new", "xd", "dg", "fewshot")
@@ -43,28 +45,10 @@ TEMPLATE_FIELDS = ("output", "dataset", "seed", "shots", "stage")
 NAME = re.compile(r"[\w.+-]+")  # a trainer or config folder name
 PAPER_ORDER = (layout.BASE2NEW_DATASETS + layout.DG_TARGETS + layout.TOY_BASE2NEW_DATASETS
                + layout.TOY_DG_TARGETS)
-DISPLAY_NAMES = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets",
-                 "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102", "food101": "Food101",
-                 "fgvc_aircraft": "FGVCAircraft", "sun397": "SUN397", "dtd": "DTD", "eurosat": "EuroSAT",
-                 "ucf101": "UCF101", "imagenetv2": "ImageNetV2", "imagenet_sketch": "ImageNet-Sketch",
-                 "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R", "toy_objects": "ToyObjects",
-                 "toy_patterns": "ToyPatterns", "toy_textiles": "ToyTextiles",
-                 "toy_objects_shifted": "ToyObjectsShifted"}
-TASK_TITLES = {"base2new": "Base-to-new generalisation", "xd": "Cross-dataset transfer",
-               "dg": "Domain generalisation", "fewshot": "Few-shot classification"}
-SYNTHETIC_MARK = "SYNTHETIC toy-world data, not comparable with published results"
 
 
 class ReportError(UserError, ValueError):
     """A user mistake or nothing to report; the message names the value and the fix."""
-
-
-def display(dataset: str) -> str:
-    return DISPLAY_NAMES.get(dataset, dataset)
-
-
-def is_synthetic(datasets: Sequence[str]) -> bool:
-    return any(d.startswith("toy_") for d in datasets)
 
 
 def ordered(datasets: Sequence[str]) -> List[str]:
@@ -227,70 +211,6 @@ def parse_methods(specs: Sequence[str], task: str, shots: Sequence[int]) -> List
 
 
 # ---- cells and averages ---------------------------------------------------------------------
-@dataclass
-class Cell:
-    """One method on one dataset (one side): the result of each seed found."""
-    by_seed: Dict[int, float]
-    expected: int
-
-    @property
-    def values(self) -> List[float]:
-        return list(self.by_seed.values())
-
-    @property
-    def complete(self) -> bool:
-        return len(self.by_seed) == self.expected
-
-    @property
-    def mean(self) -> Optional[float]:
-        return float(np.mean(self.values)) if self.values else None
-
-    @property
-    def std(self) -> Optional[float]:
-        """Population std over the seeds found, as CoOp's parse_test_res.py; None from one run."""
-        return spread(self.values)
-
-    @property
-    def seeds_note(self) -> str:
-        return "" if self.complete or not self.values else f"{len(self.values)}/{self.expected} seeds"
-
-    def text(self) -> str:
-        if not self.values:
-            return "missing"
-        return f"{self.mean:.2f}" + _pm(self.std) + (f" (incomplete: {self.seeds_note})" if self.seeds_note else "")
-
-
-@dataclass
-class Average:
-    """A mean over datasets, with the std over seeds of the per-seed average and its coverage."""
-    mean: Optional[float]
-    std: Optional[float]
-    datasets: int
-    of_datasets: int
-    seeds: int  # (dataset, seed) results among the datasets it includes
-    of_seeds: int
-
-    @property
-    def complete(self) -> bool:
-        return self.datasets == self.of_datasets and self.seeds == self.of_seeds
-
-    @property
-    def coverage(self) -> str:
-        return f"{self.datasets}/{self.of_datasets} datasets, {self.seeds}/{self.of_seeds} seeds"
-
-    def text(self, mark: bool = True) -> str:
-        """mark: say what an incomplete average covers (False where a column says it)."""
-        if self.mean is None:
-            return "missing"
-        value = f"{self.mean:.2f}" + _pm(self.std)
-        return value + ("" if self.complete or not mark else f" (incomplete: {self.coverage})")
-
-
-def spread(values: Sequence[float]) -> Optional[float]:
-    """Std over seeds; None from a single run (no spread to show, not a spread of zero)."""
-    return float(np.std(values)) if len(values) > 1 else None
-
-
 def seedwise_average(cells: Sequence[Cell]) -> Dict[int, float]:
     """seed -> mean over the cells, for the seeds every cell has."""
     if not cells:
@@ -330,7 +250,7 @@ class BaseNew:
     def hm_text(self) -> str:
         if self.hm is None:
             return "missing"
-        text = f"{self.hm:.2f}" + _pm(self.hm_std)
+        text = f"{self.hm:.2f}" + pm(self.hm_std)
         return text + ("" if self.complete else " (incomplete)")
 
 
@@ -478,10 +398,6 @@ def no_runs_message(method: Method, output: str, task: str, datasets, seeds, sho
 
 
 # ---- tables ---------------------------------------------------------------------------------
-def title(task: str, datasets: Sequence[str]) -> str:
-    return TASK_TITLES[task] + (f" ({SYNTHETIC_MARK})" if is_synthetic(datasets) else "")
-
-
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
            ["| " + " | ".join(row) + " |" for row in rows]
@@ -517,7 +433,7 @@ def base2new_markdown(rows: List[Base2NewRow], datasets: Sequence[str]) -> str:
              f"## Average over {len(datasets)} datasets{synthetic}", ""]
     lines += _md_table(["Method", "Base", "New", "HM", "Covers"],
                        [[r.method.label, r.average.base.text(mark=False), r.average.new.text(mark=False),
-                         "missing" if r.average.hm is None else f"{r.average.hm:.2f}" + _pm(r.average.hm_std),
+                         "missing" if r.average.hm is None else f"{r.average.hm:.2f}" + pm(r.average.hm_std),
                          r.average.base.coverage + ("" if r.average.complete else " (incomplete)")] for r in rows])
     for d in datasets:
         lines += ["", f"## {display(d)}{synthetic}", ""]
@@ -531,10 +447,6 @@ def base2new_markdown(rows: List[Base2NewRow], datasets: Sequence[str]) -> str:
     if any(not r.average.complete or not all(bn.complete for bn in r.datasets.values()) for r in rows):
         lines += ["", "`*`: incomplete (see the blocks above)."]
     return "\n".join(lines) + "\n"
-
-
-def _pm(std: Optional[float]) -> str:
-    return "" if std is None else f" ± {std:.2f}"
 
 
 def _short(value: Optional[float], incomplete: bool) -> str:
@@ -656,6 +568,9 @@ def build(task, method_specs, output="output", datasets=None, seeds=(1, 2, 3), s
                                                         "base2new_wide.csv": base2new_wide_csv(rows, datasets)}
     else:
         md, files = accuracy_markdown(task, rows, datasets), {f"{task}.csv": accuracy_csv(task, rows, datasets)}
+    notes = run_notes(output, {m.trainer for m in methods})
+    if notes:  # what the numbers used that the folder names do not say (fewer shots)
+        md += "\n## Notes\n\n" + "".join(f"- {note}\n" for note in notes)
     files = {f"{task}.md": md.encode(), **{name: text.encode() for name, text in files.items()}}
     if figures:
         from . import report_figures
@@ -663,6 +578,16 @@ def build(task, method_specs, output="output", datasets=None, seeds=(1, 2, 3), s
                   else report_figures.accuracy_figure(task, rows, datasets))
         files.update({f"{task}.{ext}": data for ext, data in report_figures.render(figure).items()})
     return Report(task, datasets, rows, md, files)
+
+
+def run_notes(output: str, trainers) -> List[str]:
+    """The run records' notes (record.notes) of the runs of these trainers under output."""
+    notes = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(output), "**", record.RECORD_FILE), recursive=True)):
+        recorded = record.read(os.path.dirname(path))
+        if recorded and recorded.get("trainer") in trainers:
+            notes += [f"{os.path.dirname(path)}: {note}" for note in record.notes(recorded)]
+    return notes
 
 
 def gaps(report_: Report) -> Tuple[int, int]:

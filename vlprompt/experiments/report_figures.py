@@ -14,7 +14,8 @@ from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from . import layout  # noqa: E402
-from .report import Average, Cell, display, title  # noqa: E402
+from .cells import Average, Cell  # noqa: E402
+from .names import display, title  # noqa: E402
 
 MISSING = "missing"
 BAR_CAPTION = ("Bars: mean over seeds, value on top; error bars: std over seeds ({hm}none from a single run). "

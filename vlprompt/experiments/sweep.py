@@ -23,16 +23,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import layout
-from .errors import UserError, report_user_errors
-from .methods.registry import get_method, methods
+from . import layout, record
+from ..errors import UserError, report_user_errors
+from ..methods.registry import get_method, methods
 from .results import finished
 
 class SweepError(UserError):
     """A mistake in the sweep's arguments or profile; the message names the value and the fix."""
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASKS = ("base2new", "xd", "dg", "fewshot")
 
 
@@ -48,8 +48,28 @@ class Run:
     def command(self, options: Sequence[str] = ()) -> List[str]:
         return [sys.executable, "-m", "vlprompt.run", self.task, self.trainer, *self.args, *options]
 
-    def finished(self) -> bool:
-        return all(finished(folder, kind) for folder, kind in self.outputs)
+    def finished(self, options: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> bool:
+        """Every output holds a result; with `env` (the runs' environment), also made with the train.py
+        arguments this run would pass now (its record's request). A finished run asked with other
+        arguments is left to vlprompt.run, which skips it if they resolve to the same config and
+        refuses it, naming the keys, if not."""
+        if not all(finished(folder, kind) for folder, kind in self.outputs):
+            return False
+        return env is None or self.same_request(options, env)
+
+    def same_request(self, options: Sequence[str], env: Dict[str, str]) -> bool:
+        from . import run as run_module
+        try:
+            ctx, positional, opts = run_module.parse([self.task, self.trainer, *self.args, *options],
+                                                     {**os.environ, **env})
+            jobs = run_module.plan(ctx, positional, {**os.environ, **env})
+        except UserError:
+            return True  # no DATA (a dry run) or the like: the logs decide, as before records
+        for job in jobs:
+            recorded = record.read(job.folder)
+            if recorded is not None and recorded.get("request") != record.request(run_module.train_argv(job, opts)):
+                return False
+        return True
 
 
 @dataclass
@@ -321,8 +341,8 @@ def main(argv=None) -> int:
     grid = Grid(args.task, args.trainer, layout.config_name(cfg), args.output, datasets, args.seeds, args.shots,
                 source)
     runs = grid.expand()
-    todo = [r for r in runs if not r.finished()]
     env = job_env(grid, args.data or "", args.cfg or cfg)
+    todo = [r for r in runs if not r.finished(args.options, env)]
     print(f"{args.task} / {args.trainer} / {grid.cfg}: {len(runs)} runs, {len(runs) - len(todo)} finished "
           f"already, {len(todo)} to run")
     if args.dry_run:
