@@ -12,10 +12,15 @@ class text features for every test batch, with no caches. Measured in one run:
   (c) peak training memory (RSS on CPU, max allocated on the chosen GPU), each path in its own
       process.
 Both paths are first checked to give the same logits and loss.
+  (d) with --checkpointing: our path with and without activation checkpointing of the frozen
+      encoder blocks (MODEL.GRADIENT_CHECKPOINTING), each in its own process: peak memory
+      (and its part above the memory before training: the activations and optimizer state) and
+      the median training step time; --checkpointing-only measures this alone.
 
     python benchmarks/bench_hicropl.py                     # CPU defaults: about 10 minutes on 2 cores
     python benchmarks/bench_hicropl.py --device cuda --dtype fp16 --batch 32 --steps 10 --test-images 1000
     python benchmarks/bench_hicropl.py --device cuda:1 ...   # any one GPU
+    python benchmarks/bench_hicropl.py --checkpointing-only --batch 32 --classes 50 50 --steps 1
 """
 import argparse
 import json
@@ -116,14 +121,18 @@ def check_equal(models, args):
         sys.exit(f"the two paths disagree beyond tolerance {tol}: not timing them")
 
 
-def train_step_times(model, args, n_classes, warmup, steps):
+def train_step_times(model, args, n_classes, warmup, steps, saved=None):
+    """Step times after `warmup`; `saved` (a list): gets the bytes autograd keeps for backward in
+    the first step (the activations: exact, whatever the allocator does)."""
     optimizer = torch.optim.Adam(model.prompt_learner.parameters(), lr=2.5e-3, eps=1e-3, weight_decay=5e-4)
     images, labels = batch(args, n_classes, seed=3)
     times = []
     for step in range(warmup + steps):
         sync(args)
         start = time.perf_counter()
-        with autocast(args):
+        count = saved is not None and step == 0
+        pack = lambda t: saved.append(t.numel() * t.element_size()) or t
+        with autocast(args), torch.autograd.graph.saved_tensors_hooks(pack if count else (lambda t: t), lambda t: t):
             loss, _, _ = model.loss(images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,12 +164,15 @@ def eval_passes(model, paths, decoded, args, cache_dir=None, passes=3):
     """Seconds for `passes` evaluations of all test images (decoded tensors, moved to the device
     per batch as a loader would); ours reuses frozen features."""
     model.eval()
-    sync(args)
-    start = time.perf_counter()
     cache = None
-    if cache_dir is not None:  # what the trainer does: fingerprint the frozen tower once per run
+    if cache_dir is not None:  # what the trainer does once per run: fingerprint the frozen tower
         key = tensors_fingerprint(model.image_encoder.state_dict().items()) + f"|{args.dtype}"
         cache = ImageFeatureCache(cache_dir, key, "bench-test-transform", report=lambda _: None)
+    # Hashing the tower and copying the images to the device are not timed: both paths would pay
+    # the copy (a loader's pinned, asynchronous copy overlaps compute), the hash is once per run.
+    on_device = decoded.to(args.device)
+    sync(args)
+    start = time.perf_counter()
     predictions = []
     with torch.no_grad(), autocast(args):
         for _ in range(passes):
@@ -168,32 +180,55 @@ def eval_passes(model, paths, decoded, args, cache_dir=None, passes=3):
                 out = []
                 for i in range(0, len(paths), args.test_batch):
                     chunk = paths[i:i + args.test_batch]
-                    images = decoded[i:i + args.test_batch].to(args.device)
+                    images = on_device[i:i + args.test_batch]
                     frozen = cache.features(chunk, images, model.frozen_image_features) if cache else None
-                    out.append(model(images, frozen_image_features=frozen).argmax(1).cpu())
+                    out.append(model(images, frozen_image_features=frozen).argmax(1))
                 predictions.append(torch.cat(out))
             if cache:
                 cache.save()
     sync(args)
-    return time.perf_counter() - start, predictions
+    return time.perf_counter() - start, [p.cpu() for p in predictions]
 
 
 def memory_probe(args):
-    """Child process: peak memory of `--memory-probe` path over warm-up + timed training steps."""
+    """Child process: peak memory of `--memory-probe` path over warm-up + timed training steps
+    (and the memory before them, and the timed steps' median)."""
     clip_model = build_clip(args)
     model = build_pair(clip_model, args.classes[0], args, which=(args.memory_probe,))[args.memory_probe]
     del clip_model  # the model holds what it needs; the reference keeps its teacher copy
+    if args.checkpointing:
+        set_checkpointing(model, True)
     if on_gpu(args):
         sync(args)
+        before = torch.cuda.memory_allocated(args.device) / 2 ** 20
         torch.cuda.reset_peak_memory_stats(args.device)
     else:
         reset_peak_rss()  # the peak while training, not while building the random CLIP
-    train_step_times(model, args, args.classes[0], warmup=1, steps=3)
+        before = current_rss_mb()
+    saved = []
+    times = train_step_times(model, args, args.classes[0], warmup=1, steps=args.probe_steps, saved=saved)
     if on_gpu(args):
         peak = torch.cuda.max_memory_allocated(args.device) / 2 ** 20
     else:
         peak = peak_rss_mb()
-    print(json.dumps({"peak_mb": peak}))
+    print(json.dumps({"peak_mb": peak, "before_mb": before, "step_s": statistics.median(times),
+                      "saved_mb": sum(saved) / 2 ** 20}))
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """What MODEL.GRADIENT_CHECKPOINTING does in the trainer."""
+    from vlprompt.clip.encoders import PromptedImageEncoder, PromptedTextEncoder
+    for module in model.modules():
+        if isinstance(module, (PromptedTextEncoder, PromptedImageEncoder)):
+            module.gradient_checkpointing = on
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def reset_peak_rss():
@@ -217,18 +252,37 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2 ** 20)
 
 
+def probe(args, path, checkpointing=False, steps=3):
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", path, "--device", args.device,
+           "--dtype", args.dtype, "--batch", str(args.batch), "--arch", args.arch,
+           "--classes", str(args.classes[0]), str(args.classes[1]), "--n-ctx", str(args.n_ctx),
+           "--depth", str(args.depth), "--cross-layer", str(args.cross_layer), "--threads", str(args.threads),
+           "--probe-steps", str(steps)] + (["--amp"] if args.amp else []) + (["--checkpointing"] if checkpointing else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:  # the child's own error, not just its exit status
+        sys.exit(f"the memory probe of the {path} path failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def measure_memory(args):
-    peaks = {}
-    for path in ("ours", "reference"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", path, "--device", args.device,
-               "--dtype", args.dtype, "--batch", str(args.batch), "--arch", args.arch,
-               "--classes", str(args.classes[0]), str(args.classes[1]), "--n-ctx", str(args.n_ctx),
-               "--depth", str(args.depth), "--cross-layer", str(args.cross_layer)] + (["--amp"] if args.amp else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:  # the child's own error, not just its exit status
-            sys.exit(f"the memory probe of the {path} path failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        peaks[path] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
-    return peaks
+    return {path: probe(args, path)["peak_mb"] for path in ("ours", "reference")}
+
+
+def measure_checkpointing(args) -> str:
+    """(d): our path without and with checkpointing; the summary's part."""
+    off, on = (probe(args, "ours", checkpointing, steps=args.steps) for checkpointing in (False, True))
+    what = "max allocated on " + args.device if on_gpu(args) else "RSS"
+    for name, result in (("without", off), ("with", on)):
+        print(f"checkpointing, {args.classes[0]} classes, batch {args.batch}, {name:7s}: peak {what} "
+              f"{result['peak_mb']:.0f} MB ({result['peak_mb'] - result['before_mb']:.0f} MB above the "
+              f"{result['before_mb']:.0f} MB before training), kept for backward {result['saved_mb']:.0f} MB, "
+              f"step {result['step_s']:.2f} s")
+    grown = lambda r: r["peak_mb"] - r["before_mb"]
+    return (f"checkpointing_memory_ratio={on['peak_mb'] / off['peak_mb']:.2f} "
+            f"checkpointing_training_memory_ratio={grown(on) / grown(off):.2f} "
+            f"checkpointing_saved_ratio={on['saved_mb'] / off['saved_mb']:.3f} "
+            f"checkpointing_time_ratio={on['step_s'] / off['step_s']:.2f} "
+            f"saved_mb={off['saved_mb']:.0f},{on['saved_mb']:.0f}")
 
 
 def main():
@@ -251,11 +305,21 @@ def main():
     parser.add_argument("--test-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="also measure (d): activation checkpointing of the frozen blocks, off and on")
+    parser.add_argument("--checkpointing-only", action="store_true", help="measure (d) alone")
     parser.add_argument("--memory-probe", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--probe-steps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         return memory_probe(args)
+    if args.checkpointing_only:
+        print(f"device {args.device}, dtype {args.dtype}{' + amp' if args.amp else ''}, backbone {args.arch} "
+              f"(random weights), N_CTX {args.n_ctx}, PROMPT_DEPTH {args.depth}, train batch {args.batch}, "
+              f"{args.classes[0]} classes, 1 warm-up + {args.steps} timed step(s), {args.threads} threads")
+        print(measure_checkpointing(args))
+        return
 
     print(f"device {args.device}, dtype {args.dtype}{' + amp' if args.amp else ''}, backbone {args.arch} "
           f"(random weights), N_CTX {args.n_ctx}, PROMPT_DEPTH {args.depth}, CROSS_LAYER {args.cross_layer}, "
@@ -303,6 +367,8 @@ def main():
         print(f"peak training memory ({'max allocated on ' + args.device if on_gpu(args) else 'RSS'}), "
               f"{c1} classes: ours {peaks['ours']:.0f} MB, reference {peaks['reference']:.0f} MB")
         line += f" peak_memory_ratio={peaks['ours'] / peaks['reference']:.2f}"
+    if args.checkpointing:
+        line += " " + measure_checkpointing(args)
     print(line)
 
 

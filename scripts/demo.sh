@@ -13,6 +13,9 @@ DEMO=$(mkdir -p "${1:-demo_output}" && cd "${1:-demo_output}" && pwd)
 cd "$REPO"
 export DATA=$DEMO/data OUTPUT=$DEMO/output CFG=demo_toy PYTHONWARNINGS=ignore
 export VLPROMPT_CACHE=$DEMO/cache
+# On the CPU unless asked (VLPROMPT_DEVICE=cuda bash scripts/demo.sh): its numbers are the same on
+# every run there; on a GPU they vary in the last digits (cuDNN autotuning, nondeterministic kernels).
+export VLPROMPT_DEVICE=${VLPROMPT_DEVICE:-cpu}
 METHODS=${METHODS:-"CoOp HiCroPL"}
 SEEDS=${SEEDS:-"1 2"}
 DATASET=toy_objects

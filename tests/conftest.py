@@ -18,6 +18,12 @@ _THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
 if _WORKERS > 1:
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 torch.set_num_threads(min(_THREADS, torch.get_num_threads()))
+# The suite runs on the CPU unless asked (VLPROMPT_DEVICE=cuda pytest ...): its bitwise checks hold
+# there only, and parallel workers must not each open a CUDA context on GPU 0. train.py and the
+# runs the tests start read it.
+os.environ.setdefault("VLPROMPT_DEVICE", "cpu")
+if os.environ["VLPROMPT_DEVICE"] == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # see vlprompt.device.hide_gpus
 
 HAS_DASSL = importlib.util.find_spec("dassl") is not None
 requires_dassl = pytest.mark.skipif(

@@ -105,6 +105,7 @@ def dcp_command(workspace, out, trainer="DCP", config="configs/trainers/DCP/vit_
 
 def run(cmd, expect_ok=True):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.setdefault("VLPROMPT_DEVICE", "cpu")  # as conftest.py: on the CPU unless asked
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -424,7 +425,7 @@ def tiny_options(workspace, node: str, *extra: str):
 def script_env(workspace, output):
     """The environment of the task scripts and vlprompt.run on the workspace."""
     return dict(os.environ, DATA=str(workspace / "data"), OUTPUT=str(output), PYTHONWARNINGS="ignore",
-                VLPROMPT_CACHE=str(workspace / "cache"))
+                VLPROMPT_CACHE=str(workspace / "cache"), VLPROMPT_DEVICE=os.environ.get("VLPROMPT_DEVICE", "cpu"))
 
 
 def run_script(workspace, env, script, *args, options=(), expect_ok=True):

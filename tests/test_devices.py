@@ -1,13 +1,15 @@
 """What only shows on a GPU, checked on any machine: resume reads on the CPU and restores the
 run's own CUDA generator, class features are computed on the run's device, emulated bf16 is
 refused, and a run says which device it uses."""
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import requires_dassl
+from conftest import ROOT, requires_dassl
 from helpers import in_process_trainer
 
 
@@ -126,3 +128,84 @@ def test_a_run_names_its_device_and_warns_when_gpus_sit_idle(monkeypatch):
     assert "4 GPUs are visible but a run uses one (cuda:0)" in lines[1] and "vlprompt.sweep" in lines[1]
     assert device_report(device, visible_gpus=1) == ["Device: cuda:0 (Fake GPU)"]
     assert device_report(torch.device("cpu"), visible_gpus=0) == ["Device: cpu"]
+
+
+# ---- VLPROMPT_DEVICE: on the CPU unless asked --------------------------------------------------
+def fake_visible_gpu(monkeypatch):
+    """torch.cuda says a GPU is there unless CUDA_VISIBLE_DEVICES hides it (as the real one
+    does before CUDA starts); initialising CUDA (what any CUDA tensor, RNG state, stream or
+    device query does) is recorded and fails, as it would leave a context on GPU 0."""
+    initialised = []
+
+    def lazy_init():
+        initialised.append(1)
+        raise AssertionError("CUDA was initialised")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    visible = lambda: os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    monkeypatch.setattr(torch.cuda, "is_available", visible)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(visible()))
+    monkeypatch.setattr(torch.cuda, "_lazy_init", lazy_init)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: lazy_init())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: lazy_init())
+    return initialised
+
+
+def test_the_suite_and_its_runs_are_pinned_to_the_cpu():
+    from helpers import script_env
+    assert os.environ["VLPROMPT_DEVICE"] == "cpu"  # conftest.py; the runs the tests start inherit it
+    assert script_env(Path("/w"), Path("/o"))["VLPROMPT_DEVICE"] == "cpu"
+    demo = open(os.path.join(ROOT, "scripts", "demo.sh")).read()
+    assert "export VLPROMPT_DEVICE=${VLPROMPT_DEVICE:-cpu}" in demo
+
+
+@requires_dassl
+@pytest.mark.parametrize("switch", ["cpu", None])
+def test_with_a_gpu_visible_the_cpu_switch_never_initialises_cuda(switch, workspace, tmp_path, monkeypatch):
+    """A training step and an evaluation with a (fake) GPU visible: VLPROMPT_DEVICE=cpu keeps
+    the run on the CPU without initialising CUDA; unset, the run takes the GPU (Dassl's rule),
+    which shows the fake is seen."""
+    initialised = fake_visible_gpu(monkeypatch)
+    if switch is None:
+        monkeypatch.delenv("VLPROMPT_DEVICE", raising=False)
+        with pytest.raises(AssertionError, match="CUDA was initialised"):
+            in_process_trainer(workspace, tmp_path)
+        assert initialised
+        return
+    monkeypatch.setenv("VLPROMPT_DEVICE", switch)
+    trainer = in_process_trainer(workspace, tmp_path, "OPTIM.MAX_EPOCH", "1", "TRAINER.HICROPL.PREC", "amp")
+    assert trainer.device == torch.device("cpu") and not trainer.cfg.USE_CUDA
+    trainer.train()
+    assert not initialised and not torch.cuda.is_initialized()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # train.py's data workers and children too
+
+
+@pytest.mark.parametrize("value", ["gpu", "cuda:x", "CPU "])
+def test_a_wrong_device_switch_is_a_clear_error(value):
+    from vlprompt.device import requested_device
+    from vlprompt.errors import InvalidValue
+    with pytest.raises(InvalidValue, match=r"VLPROMPT_DEVICE=.* is invalid: use cpu, cuda or cuda:N"):
+        requested_device({"VLPROMPT_DEVICE": value})
+
+
+def test_a_gpu_asked_for_where_none_is_visible_is_a_clear_error(monkeypatch):
+    from types import SimpleNamespace
+    from vlprompt.device import apply_to_cfg
+    from vlprompt.errors import InvalidValue
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InvalidValue, match=r"VLPROMPT_DEVICE=cuda:1 but no GPU is visible"):
+        apply_to_cfg(SimpleNamespace(USE_CUDA=False), {"VLPROMPT_DEVICE": "cuda:1"})
+
+
+def test_fp32_gpu_runs_use_tf32_unless_deterministic():
+    import train
+    try:
+        assert "TF32 on" in train.configure_determinism(False, on_cuda=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert "TF32 off" in train.configure_determinism(True, on_cuda=True)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert train.configure_determinism(False, on_cuda=False) == ""
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        train.set_tf32(False)

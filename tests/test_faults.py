@@ -171,11 +171,45 @@ def test_nan_loss_stops_with_step_precision_and_advice(workspace, tmp_path):
 @requires_dassl
 def test_amp_skips_are_counted_not_fatal(workspace, tmp_path, capsys):
     trainer = in_process_trainer(workspace, tmp_path, "TRAINER.HICROPL.PREC", "amp")
-    corrupt_loss(trainer, on_call=1, factor=float("inf"))
+    # an overflowing gradient in the first step (what fp16 backward does), with a finite loss
+    first = next(trainer.model.prompt_learner.parameters())
+    calls = []
+    first.register_hook(lambda grad: calls.append(1) or (grad * float("inf") if len(calls) == 1 else grad))
     trainer.train()
     out = capsys.readouterr().out
     assert "amp: the gradient scaler skipped 1 optimizer step(s) this epoch" in out
     assert "Finish training" in out
+
+
+@requires_dassl
+def test_a_non_finite_amp_loss_stops_the_run(workspace, tmp_path):
+    from trainers.checkpointed_trainer import NonFiniteLossError
+    trainer = in_process_trainer(workspace, tmp_path, "TRAINER.HICROPL.PREC", "amp", "TRAIN.PRINT_FREQ", "100")
+    corrupt_loss(trainer, on_call=1, factor=float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 1, batch 1 with precision amp"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_non_finite_update_is_refused_on_the_device(optimizer):
+    """fp16: an inf gradient with a finite loss; the step must leave the parameters and the
+    optimizer's moments as they were, decided without reading the flag on the host."""
+    from trainers.checkpointed_trainer import all_finite, guarded_step
+    weight = torch.nn.Parameter(torch.ones(3))
+    optim = (torch.optim.SGD([weight], lr=0.1, momentum=0.9) if optimizer == "sgd"
+             else torch.optim.Adam([weight], lr=0.1))
+    (weight * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    guarded_step(optim, all_finite(torch.tensor(1.0), [weight]))  # a good step
+    good, state = weight.detach().clone(), {k: v.clone() for k, v in optim.state[weight].items()}
+    assert not torch.equal(good, torch.ones(3))
+    weight.grad = torch.tensor([1.0, float("inf"), 0.0])
+    finite = all_finite(torch.tensor(2.0), [weight])
+    assert not bool(finite)
+    guarded_step(optim, finite)
+    assert torch.equal(weight.detach(), good)
+    for key, value in optim.state[weight].items():
+        if key != "step":
+            assert torch.equal(value, state[key]), key
 
 
 # ---- determinism -----------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import requires_dassl
+
 from vlprompt.clip.loading import random_clip
 from vlprompt.clip.image_features import ImageFeatureCache
 from vlprompt.files import tensors_fingerprint
@@ -165,3 +167,40 @@ def test_unreadable_cache_files_are_cache_misses_with_one_warning(setting, tiny_
     output = capsys.readouterr().out
     for path in (shard, class_file, saved):
         assert output.count(f"warning: cannot read the cache file {path}") == 1
+
+
+def test_files_are_looked_up_once_per_run_not_per_evaluation(setting, monkeypatch):
+    """realpath and stat are round trips on a network file system: once per file per run."""
+    import vlprompt.clip.image_features as image_features
+    folder, paths, encode = setting
+    cache = ImageFeatureCache(str(folder / "cache"), encode.key, "resize32")
+    calls = {"stat": 0, "realpath": 0}
+    real_stat, real_realpath = os.stat, os.path.realpath
+
+    def stat(path, *args, **kwargs):
+        calls["stat"] += 1
+        return real_stat(path, *args, **kwargs)
+
+    def realpath(path, *args, **kwargs):
+        calls["realpath"] += 1
+        return real_realpath(path, *args, **kwargs)
+    monkeypatch.setattr(image_features.os, "stat", stat)
+    monkeypatch.setattr(image_features.os.path, "realpath", realpath)
+    images = load(paths)
+    first = cache.features(paths, images, encode)
+    for _ in range(3):  # three more evaluations of the same images
+        again = cache.features(paths, images, encode)
+    monkeypatch.undo()
+    assert calls == {"stat": 6, "realpath": 6} and torch.equal(first, again) and encode.encoded == 6
+
+
+@requires_dassl
+def test_the_cache_key_names_where_and_how_features_are_computed(monkeypatch):
+    from trainers.clip_prompt import compute_key
+    cpu = compute_key(torch.device("cpu"))
+    assert cpu.startswith("cpu|") and torch.__version__ in cpu
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    tf32 = compute_key(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    full = compute_key(torch.device("cuda", 0))
+    assert len({cpu, tf32, full}) == 3 and "tf32=True" in tf32

@@ -5,7 +5,10 @@
 - data: an unreadable image stops the run with its path, or is left out on request
   (checked_images.py);
 - a non-finite loss stops the run with the step, the precision and what to try, instead of
-  training on garbage; amp's skipped steps are counted in the log.
+  training on garbage; amp's skipped steps are counted in the log;
+- no host read inside a training step (each would make the CPU wait for the GPU): the log values
+  and the non-finite check stay on the device and are read once per print step (TRAIN.PRINT_FREQ)
+  and at the end of the epoch; a non-finite update is refused on the device meanwhile.
 
 A checkpoint also carries `info`, what rebuilds the model from it alone (the method and its
 settings, backbone, input transform and class names: vlprompt.load_classifier reads it).
@@ -21,7 +24,7 @@ import os
 import os.path as osp
 import random
 import time
-from typing import List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -39,6 +42,82 @@ RESUME_FILE = "resume.pth.tar"
 
 class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or infinite."""
+
+
+class DeviceMeters:
+    """Dassl's MetricMeter without a host read per step: each step's values stay on the device,
+    summed in float64 as MetricMeter sums Python floats (so the log shows the same digits), and
+    the host reads them all at once, with anything else to read then (`read(extra)`)."""
+
+    def __init__(self):
+        self.last: Dict[str, torch.Tensor] = {}
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def update(self, values: Dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            value = torch.as_tensor(value).detach().reshape(()).to(torch.float64)
+            self.last[name] = value
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.count += 1
+
+    def read(self, extra: Optional[torch.Tensor] = None):
+        """(MetricMeter-like text "name last (average) ...", {name: average}, extra as a list): one
+        host read."""
+        names = list(self.last)
+        parts = [torch.stack([self.last[n] for n in names] + [self.sums[n] for n in names])] if names else []
+        if extra is not None:
+            parts.append(extra.to(torch.float64).reshape(-1).to(parts[0].device if parts else extra.device))
+        values = torch.cat(parts).tolist() if parts else []
+        last, sums, rest = values[:len(names)], values[len(names):2 * len(names)], values[2 * len(names):]
+        averages = {n: s / self.count for n, s in zip(names, sums)}
+        text = " ".join(f"{n} {v:.4f} ({averages[n]:.4f})" for n, v in zip(names, last))
+        return text, averages, rest
+
+
+class FiniteGuard:
+    """Non-finite training steps, recorded on the device: [batch index of the first one this
+    epoch (-1: none), its loss]. The host reads it only at print steps and at the end of an epoch."""
+
+    def __init__(self):
+        self.first: Optional[torch.Tensor] = None
+
+    def record(self, finite: torch.Tensor, loss: torch.Tensor, batch_idx: int) -> None:
+        entry = torch.stack([torch.full_like(loss, batch_idx, dtype=torch.float64), loss.detach().to(torch.float64)])
+        if self.first is None:
+            self.first = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=loss.device)
+        self.first = torch.where(~finite & (self.first[0] < 0), entry, self.first)
+
+    def tensor(self) -> torch.Tensor:
+        return self.first if self.first is not None else torch.tensor([-1.0, 0.0], dtype=torch.float64)
+
+
+def all_finite(loss: torch.Tensor, params=()) -> torch.Tensor:
+    """0-d bool tensor on the device: the loss and every gradient of `params` are finite (no read)."""
+    flags = [torch.isfinite(loss).all()] + [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return torch.stack(flags).all()
+
+
+def guarded_step(optimizer, finite: torch.Tensor) -> None:
+    """optimizer.step(), undone on the device where `finite` is False: parameters and the
+    optimizer's per-parameter tensors (moments, momentum) keep their values, decided without a
+    host read. (The optimizer's CPU step counters still count the refused step: the run stops at
+    the next read of the flag, so they are never used afterwards.) The copies are of the trainable
+    state only, small beside a forward through CLIP."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    kept = [p.detach().clone() for p in params]
+    kept_state = [{k: v.clone() for k, v in optimizer.state[p].items() if _per_parameter(v, p)} for p in params]
+    optimizer.step()
+    with torch.no_grad():
+        for p, old, old_state in zip(params, kept, kept_state):
+            p.copy_(torch.where(finite, p, old))
+            for key, value in optimizer.state[p].items():
+                if _per_parameter(value, p):  # new state (a first step) goes back to zeros
+                    value.copy_(torch.where(finite, value, old_state.get(key, torch.zeros_like(value))))
+
+
+def _per_parameter(value, param) -> bool:
+    return torch.is_tensor(value) and value.shape == param.shape and value.device == param.device
 
 
 PRECISION_ADVICE = {
@@ -109,32 +188,97 @@ class CheckpointedTrainer(TrainerX):
         self.num_classes, self.num_source_domains = dm.num_classes, dm.num_source_domains
         self.lab2cname, self.dm = dm.lab2cname, dm
 
-    def stop_if_not_finite(self, loss, precision: str) -> None:
-        if torch.isfinite(loss).all():
-            return
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, batch {self.batch_idx + 1} "
-            f"with precision {precision}: {PRECISION_ADVICE.get(precision, 'try fp32')}. The run stopped "
-            f"instead of training on it; rerunning the same command resumes after the last finished epoch.")
+    finite_guard: FiniteGuard = None
+    precision = "fp32"  # what the non-finite message names (subclasses: their PREC)
 
-    def scaled_step(self, loss, optimizer) -> None:
-        """amp: backward and step through the scaler, counting the steps it skips (inf/NaN
-        gradients make it skip the step and lower its scale, which is normal, not fatal)."""
-        scale = self.scaler.get_scale()
-        self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        if self.scaler.get_scale() < scale:
-            self.amp_skipped += 1
+    def checked_step(self, loss, optimizer, check_grads: bool = True, before_step=None) -> None:
+        """backward and optimizer step without a host read. A non-finite loss (or, with
+        `check_grads`, gradient: fp16's overflows) is recorded on the device and its update
+        refused; the run stops when the record is read (the next print step, or the end of the
+        epoch). amp: through the scaler, which skips steps with inf/NaN gradients itself (normal,
+        not fatal: counted); a non-finite loss stops an amp run too (lowering the scale cannot
+        cure a forward that overflows). `before_step()`: between backward and step (clipping)."""
+        if self.finite_guard is None:  # a step outside run_epoch (tests, fixtures)
+            self.finite_guard = FiniteGuard()
+        if self.scaler is not None:
+            self.finite_guard.record(all_finite(loss), loss, self.batch_idx)
+            self.scaler.scale(loss).backward()
+            if before_step is not None:
+                before_step()
+            # the scale as a device tensor: get_scale() would read it on the host
+            scale = self.scaler._get_scale_async().clone()
+            self.scaler.step(optimizer)  # reads found_inf on the host: the one read of an amp step
+            self.scaler.update()
+            self.amp_skipped = self.amp_skipped + (self.scaler._get_scale_async() < scale).to(torch.int64)
+            return
+        loss.backward()
+        params = [p for group in optimizer.param_groups for p in group["params"]] if check_grads else ()
+        finite = all_finite(loss, params)
+        self.finite_guard.record(finite, loss, self.batch_idx)
+        if before_step is not None:
+            before_step()
+        guarded_step(optimizer, finite)
+
+    def stop_if_not_finite(self, extra_read: Optional[List[float]] = None) -> None:
+        """Stop the run if a step of this epoch was not finite (reads the device record unless
+        `extra_read`, the record already read along with the log values, is given)."""
+        first, value = extra_read if extra_read is not None else self.finite_guard.tensor().tolist()
+        if first < 0:
+            return
+        what = f"non-finite loss ({value})" if value != value or abs(value) == float("inf") else \
+            f"non-finite gradient (loss {value})"
+        raise NonFiniteLossError(
+            f"{what} at epoch {self.epoch + 1}, batch {int(first) + 1} with precision {self.precision}: "
+            f"{PRECISION_ADVICE.get(self.precision, 'try fp32')}. The run stopped instead of training on it "
+            f"(that update was not applied); rerunning the same command resumes after the last finished epoch.")
 
     def before_epoch(self):
         super().before_epoch()
         self.amp_skipped = 0
+        self.finite_guard = FiniteGuard()
         self.epoch_started = time.time()
 
+    def run_epoch(self):
+        """Dassl's TrainerX.run_epoch (same progress lines, same numbers) with one host read per
+        print step instead of several per step; tensorboard gets the averages at print steps. Ends
+        with the time spent waiting for data against computing."""
+        self.set_model_mode("train")
+        meters = DeviceMeters()
+        self.num_batches = len(self.train_loader_x)
+        print_freq = self.cfg.TRAIN.PRINT_FREQ
+        data_wait = step_time = 0.0
+        start = end = time.time()
+        for self.batch_idx, batch in enumerate(self.train_loader_x):
+            waited = time.time() - end
+            data_wait += waited
+            meters.update(self.forward_backward(batch))
+            took = time.time() - end
+            step_time += took
+            if (self.batch_idx + 1) % print_freq == 0 or self.num_batches < print_freq:
+                text, averages, record = meters.read(self.finite_guard.tensor())
+                self.stop_if_not_finite(record)
+                remaining = self.num_batches - self.batch_idx - 1 + (self.max_epoch - self.epoch - 1) * self.num_batches
+                eta = datetime.timedelta(seconds=int(step_time / (self.batch_idx + 1) * remaining))
+                print(f"epoch [{self.epoch + 1}/{self.max_epoch}] batch [{self.batch_idx + 1}/{self.num_batches}] "
+                      f"time {took:.3f} ({step_time / (self.batch_idx + 1):.3f}) "
+                      f"data {waited:.3f} ({data_wait / (self.batch_idx + 1):.3f}) {text} "
+                      f"lr {self.get_current_lr():.4e} eta {eta}")
+                n_iter = self.epoch * self.num_batches + self.batch_idx
+                for name, average in averages.items():
+                    self.write_scalar("train/" + name, average, n_iter)
+                self.write_scalar("train/lr", self.get_current_lr(), n_iter)
+            end = time.time()
+        self.stop_if_not_finite()  # steps after the last print step
+        total = time.time() - start
+        # not "epoch [": parsers of Dassl's progress lines read those
+        print(f"time of epoch {self.epoch + 1}/{self.max_epoch}: {total:.1f} s, {data_wait:.1f} s waiting for data, "
+              f"{total - data_wait:.1f} s computing ({100 * data_wait / max(total, 1e-9):.0f}% waiting"
+              f"{'; the data loader is the bottleneck: raise DATALOADER.NUM_WORKERS' if data_wait > total / 2 else ''})")
+
     def after_epoch(self):
-        if self.amp_skipped:
-            print(f"amp: the gradient scaler skipped {self.amp_skipped} optimizer step(s) this epoch "
+        skipped = int(self.amp_skipped)  # one read per epoch
+        if skipped:
+            print(f"amp: the gradient scaler skipped {skipped} optimizer step(s) this epoch "
                   f"(inf/NaN gradients); scale now {self.scaler.get_scale():g}")
         super().after_epoch()
         self.save_resume_state(self.epoch)

@@ -24,7 +24,7 @@ from dassl.optim import build_optimizer
 from tqdm import tqdm
 
 from vlprompt.clip.class_features import ClassFeatureStore, DescriptionsError, frozen_class_features
-from vlprompt.clip.encoders import PromptedTextEncoder
+from vlprompt.clip.encoders import PromptedImageEncoder, PromptedTextEncoder
 from vlprompt.clip.image_features import ImageFeatureCache
 from vlprompt.clip.loading import architecture_shape, backbone_shape, cast_clip, load_clip, weights_fingerprint
 from vlprompt.errors import InvalidValue, UserError
@@ -225,6 +225,11 @@ class ClipPromptTrainer(CheckpointedTrainer):
         frozen_text_features = self.frozen_class_features(clip_model, settings)
         self.to_compute_precision(clip_model)
         self.model = self.spec.model(clip_model, settings, self.dm.dataset.classnames, frozen_text_features)
+        if cfg.MODEL.GRADIENT_CHECKPOINTING:
+            print("Gradient checkpointing: frozen encoder blocks recompute their activations in backward")
+            for module in self.model.modules():
+                if isinstance(module, (PromptedTextEncoder, PromptedImageEncoder)):
+                    module.gradient_checkpointing = True
         trainable = self.model.prompt_learner
         if cfg.MODEL.INIT_WEIGHTS:
             state = self.load_state_for(self.spec.checkpoint_folder, cfg.MODEL.INIT_WEIGHTS)
@@ -324,13 +329,9 @@ class ClipPromptTrainer(CheckpointedTrainer):
         with self.autocast():
             loss, logits, parts = self.model.loss(images, labels)
         self.optim.zero_grad()
-        if self.scaler is not None:
-            self.scaled_step(loss, self.optim)
-        else:
-            self.stop_if_not_finite(loss, self.precision)
-            loss.backward()
-            self.optim.step()
-        summary = {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item(), **parts}
+        self.checked_step(loss, self.optim)
+        # tensors on the device: run_epoch reads them at its print steps, not here
+        summary = {"loss": loss.detach(), "acc": compute_accuracy(logits.detach(), labels)[0], **parts}
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return summary
@@ -339,17 +340,20 @@ class ClipPromptTrainer(CheckpointedTrainer):
         """(images, labels); with DATALOADER.K_TRANSFORMS > 1 Dassl gives a list of augmented views
         of each image, passed on as a list [K x [B, 3, H, W]] (only models with `takes_views`)."""
         images = batch["img"]
+        # asynchronous from the loader's pinned memory (a GPU run): the copy overlaps compute
         if isinstance(images, (list, tuple)):
-            return [view.to(self.device) for view in images], batch["label"].to(self.device)
-        return images.to(self.device), batch["label"].to(self.device)
+            return [view.to(self.device, non_blocking=True) for view in images], batch["label"].to(self.device, non_blocking=True)
+        return images.to(self.device, non_blocking=True), batch["label"].to(self.device, non_blocking=True)
 
     # ---- evaluate --------------------------------------------------------------------------
     feature_cache = None
 
     def build_feature_cache(self):
-        """Frozen features of eval images, keyed by backbone weights + precision and transform."""
+        """Frozen features of eval images, keyed by what changes their numbers: backbone weights,
+        precision, where and how they are computed (device type, TF32, torch version) and the
+        transform."""
         encoder = self.model.image_encoder
-        backbone = f"{tensors_fingerprint(encoder.state_dict().items())}|{self.precision}"
+        backbone = f"{tensors_fingerprint(encoder.state_dict().items())}|{self.precision}|{compute_key(self.device)}"
         transform = (f"{self.test_loader.dataset.transform!r}|torchvision {torchvision.__version__}"
                      f"|PIL {PIL.__version__}")
         return ImageFeatureCache(cache_root(self.cfg.MODEL.FEATURE_CACHE_DIR), backbone, transform)
@@ -372,7 +376,8 @@ class ClipPromptTrainer(CheckpointedTrainer):
         try:
             with self.autocast(), self.model.evaluation():
                 for batch in tqdm(loader):
-                    images, labels = batch["img"].to(self.device), batch["label"].to(self.device)
+                    images = batch["img"].to(self.device, non_blocking=True)
+                    labels = batch["label"].to(self.device, non_blocking=True)
                     self.evaluator.process(self.infer(images, batch["impath"]), labels)
         finally:
             if self.feature_cache is not None:
@@ -388,6 +393,13 @@ class ClipPromptTrainer(CheckpointedTrainer):
             return self.model(images)
         frozen = self.feature_cache.features(impaths, images, self.model.frozen_image_features)
         return self.model(images, frozen_image_features=frozen)
+
+
+def compute_key(device: torch.device) -> str:
+    """What, beside weights and precision, changes a feature's last digits: the device type's
+    kernels, TF32 on a GPU (train.py turns it on for fp32 runs) and the torch version."""
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return f"{device.type}|tf32={tf32}|torch {torch.__version__}"
 
 
 def make_trainer(spec: MethodSpec, name: str, layout: ConfigLayout) -> type:

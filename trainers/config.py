@@ -23,6 +23,9 @@ def extend_cfg(cfg: CN) -> CN:
     cfg.MODEL.BACKBONE.DOWNLOAD_ROOT = ""  # "" = ~/.cache/clip
     # On-disk cache of frozen features (class text features); "" = $VLPROMPT_CACHE or ~/.cache/vlprompt
     cfg.MODEL.FEATURE_CACHE_DIR = ""
+    # Recompute the frozen encoder blocks' activations in backward instead of keeping them: less
+    # memory for a longer step, the same gradients (benchmarks/bench_hicropl.py --checkpointing)
+    cfg.MODEL.GRADIENT_CHECKPOINTING = False
 
     # Unreadable images stop the run with their path; True leaves them out with a warning
     # (every image is then decoded once when the loaders are built).

@@ -144,20 +144,20 @@ class EdgeCNN(CheckpointedTrainer):
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels)
         self.optim.zero_grad()
-        self.stop_if_not_finite(loss, "fp32")
-        loss.backward()
         clamp = self.cfg.TRAINER.EDGECNN.GRAD_CLAMP
-        if clamp > 0:  # element-wise, as the release
+
+        def clamp_gradients():  # element-wise, as the release
             for param in self.model.parameters():
                 if param.grad is not None:
                     param.grad.clamp_(-clamp, clamp)
-        self.optim.step()
+        # the loss only is checked, as before: the release clamps large gradients by design
+        self.checked_step(loss, self.optim, check_grads=False, before_step=clamp_gradients if clamp > 0 else None)
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
-        return {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item()}
+        return {"loss": loss.detach(), "acc": compute_accuracy(logits.detach(), labels)[0]}
 
     def parse_batch_train(self, batch):
-        return batch["img"].to(self.device), batch["label"].to(self.device)
+        return batch["img"].to(self.device, non_blocking=True), batch["label"].to(self.device, non_blocking=True)
 
     def model_inference(self, images):
         return ten_crop_logits(self.model, images) if images.dim() == 5 else self.model(images)

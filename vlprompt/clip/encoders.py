@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .ops import residual_block, residual_block_shared_prefix
 
@@ -60,6 +61,8 @@ def _as_batch(prompt: Tensor, batch: int) -> Tensor:
 class PromptedTextEncoder(nn.Module):
     """CLIP's text tower over token ids, with prompts at positions 1..n."""
 
+    gradient_checkpointing = False  # see _run_block (MODEL.GRADIENT_CHECKPOINTING)
+
     def __init__(self, clip_model: nn.Module, shared_prefix: bool = True, cut_at_eot: bool = True):
         super().__init__()
         self.token_embedding = clip_model.token_embedding
@@ -87,13 +90,13 @@ class PromptedTextEncoder(nn.Module):
         """`order` [C, 77] (optional): sequence c is [SOS, prompt, rest][order[c]] (a per-sequence
         rearrangement, e.g. CoOp's class name before or inside the context); EOT stays in place.
         Rearranged prompts are no common prefix: the shared-prefix shortcut is then off."""
-        eot = token_ids.argmax(dim=-1)  # EOT has the largest id
+        eot, first_eot, last_eot = eot_positions(token_ids)
         n = 0 if prompt is None else prompt.shape[-2]
-        if n and int(eot.min()) <= n:
+        if n and first_eot <= n:
             raise ValueError(f"a {n}-token prompt overwrites the EOT token: tokenize placeholders first")
         # Causal mask: nothing after a sequence's EOT reaches its EOT feature, so the batch can
         # stop at the last EOT.
-        length = int(eot.max()) + 1 if self.cut_at_eot else token_ids.shape[1]
+        length = last_eot + 1 if self.cut_at_eot else token_ids.shape[1]
         x = self.token_embedding(token_ids[:, :length]).to(self.dtype)
         if n:
             x = torch.cat([x[:, :1], _as_batch(prompt.to(self.dtype), x.shape[0]), x[:, 1 + n:]], dim=1)
@@ -125,11 +128,11 @@ class PromptedTextEncoder(nn.Module):
             state = self._replace_prompt(state, prompt)
         block = self.blocks[i]
         if state.prefix is not None:  # one prefix for all, one each, or one per group (embed_per_context)
-            prefix, body = residual_block_shared_prefix(block, state.prefix, state.body)
+            prefix, body = _run_block(self, residual_block_shared_prefix, block, state.prefix, state.body)
             if layer_output is not None:
                 prefix, body = layer_output(i, state.prefix, prefix), layer_output(i, state.body, body)
             return replace(state, prefix=prefix, body=body)
-        body = residual_block(block, state.body, causal=True)
+        body = _run_block(self, residual_block, block, state.body, causal=True)
         if layer_output is not None:
             body = layer_output(i, state.body, body)
         return replace(state, body=body)
@@ -195,6 +198,8 @@ class PromptedTextEncoder(nn.Module):
 class PromptedImageEncoder(nn.Module):
     """CLIP's ViT over images, with prompt tokens after the patches."""
 
+    gradient_checkpointing = False  # see _run_block (MODEL.GRADIENT_CHECKPOINTING)
+
     def __init__(self, clip_model: nn.Module):
         super().__init__()
         visual = clip_model.visual
@@ -247,7 +252,7 @@ class PromptedImageEncoder(nn.Module):
             if prompt.shape[-2] != n:
                 raise ValueError(f"visual prompt has {prompt.shape[-2]} tokens, the sequence has {n} slots")
             x = torch.cat([x[:, :-n], _as_batch(prompt.to(x.dtype), x.shape[0])], dim=1)
-        y = residual_block(self.blocks[i], x)
+        y = _run_block(self, residual_block, self.blocks[i], x)
         return replace(state, tokens=y if layer_output is None else layer_output(i, x, y))
 
     def prompt_states(self, state: ImageState) -> Tensor:
@@ -265,15 +270,42 @@ class PromptedImageEncoder(nn.Module):
         return self.features(state)
 
 
+def _run_block(encoder: nn.Module, block_fn: Callable, *args, **kwargs):
+    """block_fn(block, states...) of one frozen layer. With the encoder's gradient_checkpointing
+    on and gradients flowing, its activations are not kept for backward but recomputed there:
+    gradients reach the prompts through every frozen layer, so without it a training step keeps
+    the activations of both whole towers (the same gradients, one more forward of each block)."""
+    if encoder.gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block_fn, *args, use_reentrant=False, **kwargs)
+    return block_fn(*args, **kwargs)
+
+
+def eot_positions(token_ids: Tensor) -> Tuple[Tensor, int, int]:
+    """[C] position of each sequence's EOT (the largest id), and the first and last of them as
+    host ints. The host reads them once per token-id tensor (a class set), kept on the tensor
+    itself, not at every encode: on a GPU each read would wait for the device."""
+    cached = getattr(token_ids, "_vlprompt_eot", None)
+    if cached is None or cached[0] != token_ids._version:
+        eot = token_ids.argmax(dim=-1)
+        first, last = torch.stack([eot.min(), eot.max()]).tolist()
+        cached = (token_ids._version, eot, first, last)
+        token_ids._vlprompt_eot = cached
+    return cached[1:]
+
+
 def _rearranged(x: Tensor, order: Tensor, eot: Tensor) -> Tensor:
     """x [C, L, D] with sequence c's tokens taken in order[c] [77] (cut to L)."""
     length = x.shape[1]
     if order.dim() != 2 or order.shape[0] != x.shape[0] or order.shape[1] < length:
         raise ValueError(f"order {tuple(order.shape)} does not fit {x.shape[0]} sequences of {length} tokens")
-    order = order[:, :length].to(x.device)
-    rows = torch.arange(x.shape[0], device=x.device)
-    if bool((order >= length).any()) or not torch.equal(order[rows, eot], eot.to(x.device)):
-        raise ValueError("order must rearrange tokens before each sequence's EOT and keep the EOT in place")
+    # Checked once per (order, EOT positions, length), as eot_positions, not at every encode.
+    whole, order = order, order[:, :length].to(x.device)
+    checked = getattr(whole, "_vlprompt_checked", None)
+    if checked is None or checked[0] is not eot or checked[1:] != (length, whole._version):
+        rows = torch.arange(x.shape[0], device=x.device)
+        if bool((order >= length).any()) or not torch.equal(order[rows, eot], eot.to(x.device)):
+            raise ValueError("order must rearrange tokens before each sequence's EOT and keep the EOT in place")
+        whole._vlprompt_checked = (eot, length, whole._version)
     return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 

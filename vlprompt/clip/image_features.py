@@ -4,7 +4,9 @@ The test transform is deterministic, so the frozen encoder's feature of a val/te
 only on the backbone weights (and compute precision), the transform and the image file. One
 shard per (backbone, transform); inside it one row per image, stamped with the file's size and
 modification time, so an edited image is recomputed. Later evaluations, seeds and configs that
-share backbone and transform reuse the rows.
+share backbone and transform reuse the rows. A file's real path and stamp are read once per
+cache object (once per run), not at every evaluation batch: on a network file system each
+`realpath`/`stat` is a round trip, and an image edited while a run is evaluating is not expected.
 
 Concurrent jobs (a sweep's seeds, base and new tests) share shards: a save merges this process's
 new rows into what is on disk at that moment, under a lock, so no writer loses another's rows.
@@ -33,6 +35,7 @@ class ImageFeatureCache:
                      if directory else None)
         self.rows: Dict[str, Tuple[str, Tensor]] = self._read_rows()  # real path -> (stamp, feature [E] fp32)
         self.fresh: Set[str] = set()  # rows computed by this process and not saved yet
+        self._files: Dict[str, Tuple[str, str]] = {}  # path as given -> (real path, stamp), read once
         self.hits = self.misses = 0
         if self.rows:
             self.report(f"frozen image features: {len(self.rows)} cached in {self.path}")
@@ -51,8 +54,8 @@ class ImageFeatureCache:
 
     def features(self, impaths: Sequence[str], images: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
         """[B, E] features of `images` (whose files are `impaths`); computes only the missing rows."""
-        keys = [os.path.realpath(p) for p in impaths]
-        stamps = [file_stamp(p) for p in keys]
+        files = [self._file(p) for p in impaths]
+        keys, stamps = [k for k, _ in files], [s for _, s in files]
         missing = [i for i, (k, s) in enumerate(zip(keys, stamps)) if self.rows.get(k, (None,))[0] != s]
         if missing:
             index = torch.tensor(missing, device=images.device)
@@ -63,6 +66,13 @@ class ImageFeatureCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         return torch.stack([self.rows[k][1] for k in keys]).to(images.device)
+
+    def _file(self, path: str) -> Tuple[str, str]:
+        known = self._files.get(path)
+        if known is None:
+            real = os.path.realpath(path)
+            known = self._files[path] = (real, file_stamp(real))
+        return known
 
     def save(self) -> None:
         """Merge this process's new rows into the shard on disk (other jobs may have added

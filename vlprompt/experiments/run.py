@@ -13,8 +13,9 @@ The environment gives what CoOp's scripts read from it: DATA (the datasets' fold
 not read for a dataset given as a YAML path, whose root is its DATASET.ROOT or else its folder),
 OUTPUT (default `output`), CFG (a config name under configs/trainers/<method>/ or a .yaml path;
 default: the method's config for the task), SOURCE (xd_test: the dataset trained on, default
-imagenet), LOADEP (xd_test: the epoch to load, default the config's MAX_EPOCH) and PYTHON. The
-scripts under scripts/<method>/ are one-line calls of this module.
+imagenet), LOADEP (xd_test: the epoch to load, default the config's MAX_EPOCH), PYTHON and
+VLPROMPT_DEVICE (cpu, cuda or cuda:N: where train.py runs; unset: the GPU when one is visible).
+The scripts under scripts/<method>/ are one-line calls of this module.
 """
 import glob
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import layout, record
+from ..device import VARIABLE as DEVICE_VARIABLE, requested_device
 from ..errors import UserError
 from ..methods.registry import MethodSpec, get_method, method_for_scripts
 from .results import finished
@@ -305,9 +307,12 @@ def main(argv=None, env=None, last_job_here: bool = False) -> int:
     try:
         ctx, positional, options = parse(sys.argv[1:] if argv is None else argv, env)
         jobs = plan(ctx, positional, env)
-    except UsageError as err:
+        device = requested_device(env)
+    except UserError as err:
         print(err, file=sys.stderr)
         return 2
+    if device is not None:  # train.py reads it from its own environment
+        os.environ[DEVICE_VARIABLE] = device
     python = env.get("PYTHON") or sys.executable
     for index, job in enumerate(jobs):
         here = last_job_here and index == len(jobs) - 1 and "PYTHON" not in env

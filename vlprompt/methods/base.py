@@ -24,7 +24,9 @@ SEQUENCES_PER_PASS = 8192
 class LossOutput(NamedTuple):
     loss: Tensor  # the scalar that is back-propagated
     logits: Tensor  # [B, C] fp32, for the training accuracy
-    parts: Dict[str, float]  # named terms for the log
+    # named terms for the log: detached 0-d tensors, which the trainer reads only at its print
+    # steps (`.item()` here would make every training step wait for the GPU)
+    parts: Dict[str, Tensor]
 
 
 @runtime_checkable

@@ -148,7 +148,7 @@ class CoPrompt(MaPLe):
             text_term = distance(self.settings.distill, normalize(text.float()), teacher_text)
             image_term = distance(self.settings.distill, normalize(image.float()), teacher_image)
             loss = ce + self.settings.w * (text_term + image_term)
-        parts = {"loss_ce": ce.item(), "loss_text": text_term.item(), "loss_image": image_term.item()}
+        parts = {"loss_ce": ce.detach(), "loss_text": text_term.detach(), "loss_image": image_term.detach()}
         return LossOutput(loss, logits, parts)
 
 

@@ -221,7 +221,7 @@ class HiCroPL(PromptedCLIPClassifier):
             distill_text = 1.0 - F.cosine_similarity(text, self.frozen_text_features, dim=1, eps=1e-7).mean()
             distill_image = 1.0 - F.cosine_similarity(image, zero_shot, dim=1, eps=1e-7).mean()
             loss = ce + self.settings.lambd * (distill_text + distill_image)
-        return LossOutput(loss, logits, {"loss_ce": ce.item(), "loss_distill": (distill_text + distill_image).item()})
+        return LossOutput(loss, logits, {"loss_ce": ce.detach(), "loss_distill": (distill_text + distill_image).detach()})
 
 
 # ---- the release's checkpoints ---------------------------------------------------------------

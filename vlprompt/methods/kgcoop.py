@@ -100,7 +100,7 @@ class KgCoOp(CoOp):
             ce = F.cross_entropy(logits, labels)
             gap = knowledge_gap(text.float(), self.frozen_text_features)
             loss = ce + self.settings.w * gap
-        return LossOutput(loss, logits, {"loss_ce": ce.item(), "loss_kg": gap.item()})
+        return LossOutput(loss, logits, {"loss_ce": ce.detach(), "loss_kg": gap.detach()})
 
 
 # ---- the release's checkpoints ------------------------------------------------------------------

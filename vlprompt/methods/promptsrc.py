@@ -94,8 +94,8 @@ class PromptSRC(IVLP):
             logits_term = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(zero_shot, dim=1), reduction="sum",
                                    log_target=True) / logits.numel()
             loss = ce + (logits_term + text_term + image_term)  # the release's order of the sums
-        parts = {"loss_ce": ce.item(), "loss_scl_text": text_term.item(), "loss_scl_image": image_term.item(),
-                 "L_SCL_logits": logits_term.item()}
+        parts = {"loss_ce": ce, "loss_scl_text": text_term, "loss_scl_image": image_term, "L_SCL_logits": logits_term}
+        parts = {name: term.detach() for name, term in parts.items()}
         return LossOutput(loss, logits, parts)
 
     # ---- Gaussian prompt aggregation ---------------------------------------------------------

@@ -171,7 +171,7 @@ class TCP(PromptedCLIPClassifier):
             ce = F.cross_entropy(logits, labels)
             kg = self.settings.kg_weight * kg_regulariser(text, self.frozen_text_features)
             loss = ce + kg
-        return LossOutput(loss, logits, {"loss_ce": ce.item(), "loss_kg": kg.item()})
+        return LossOutput(loss, logits, {"loss_ce": ce.detach(), "loss_kg": kg.detach()})
 
 
 def frozen_class_texts(settings: TCPSettings, dataset: str) -> ClassTexts:
