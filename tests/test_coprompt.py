@@ -393,7 +393,8 @@ def test_other_methods_refuse_a_second_view(workspace, tmp_path):
 # per-dataset PROMPT_DEPTH 12), fp32, 2 epochs; K_TRANSFORMS 2 and randaugment as shipped.
 TINY = ["MODEL.BACKBONE.PATH", "{clip}", "INPUT.SIZE", "(32, 32)", "TRAINER.CoPrompt.PROMPT_DEPTH", "3",
         "TRAINER.CoPrompt.PREC", "fp32", "OPTIM.MAX_EPOCH", "2", "DATALOADER.NUM_WORKERS", "0",
-        "DATALOADER.TEST.BATCH_SIZE", "5", "TRAINER.W", "1.0", "TRAINER.DISTILL", "cosine"]
+        "DATALOADER.TEST.BATCH_SIZE", "5", "TRAINER.W", "1.0", "TRAINER.DISTILL", "cosine",
+        "DATASET.ALLOW_FEWER_SHOTS", "True"]  # the tiny dataset has 4 images per class
 RUN = "base2new/train_base/caltech101/shots_16/CoPrompt/coprompt/seed1"
 
 

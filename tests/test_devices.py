@@ -96,7 +96,7 @@ def test_class_features_are_computed_on_the_runs_device(workspace, tmp_path, mon
     from vlprompt.clip.class_features import ClassFeatureStore
     devices = []
 
-    def spy(store, text_encoder, classnames, texts, chunk=256, normalize_each=False):
+    def spy(store, text_encoder, classnames, texts, chunk=256, normalize_each=False, keep_each=False):
         devices.append(text_encoder.text_projection.device)
         return torch.randn(len(classnames), text_encoder.text_projection.shape[1])
 

@@ -188,8 +188,9 @@ class ClipPromptTrainer(CheckpointedTrainer):
         backbone = self.cfg.MODEL.BACKBONE
         print(f"Loading CLIP (backbone: {backbone.NAME}{', file: ' + backbone.PATH if backbone.PATH else ''})")
         clip_model = load_clip(backbone.NAME, backbone.PATH, backbone.DOWNLOAD_ROOT or None)
-        # the run record keeps it: a resumed run must use the weights it started with
-        self.backbone_fingerprint = tensors_fingerprint(clip_model.state_dict().items())
+        # of the fp32 weights on the CPU (as predict loads them): the run record and the checkpoints
+        # keep it, so a resumed run must use the weights it started with and predict can check them
+        self.backbone_fingerprint = weights_fingerprint(clip_model)
         return clip_model.to(self.device)
 
     def frozen_class_features(self, clip_model, settings):
@@ -220,7 +221,6 @@ class ClipPromptTrainer(CheckpointedTrainer):
         cfg = self.cfg
         settings = self.settings_from(cfg)
         clip_model = self.load_frozen_clip()
-        self.backbone_fingerprint = weights_fingerprint(clip_model)  # of the fp32 weights, as predict loads them
         self.check_fit(cfg, settings, backbone_shape(clip_model))  # a local file's shape is known now
         frozen_text_features = self.frozen_class_features(clip_model, settings)
         self.to_compute_precision(clip_model)
