@@ -35,6 +35,8 @@ TINY = ["MODEL.BACKBONE.PATH", "{clip}", "INPUT.SIZE", "(32, 32)", "TRAINER.HICR
     (["TRAINER.HICROPL.NCTX", "4"], "unknown config key TRAINER.HICROPL.NCTX (did you mean TRAINER.HICROPL.N_CTX"),
     (["TRAINER.HICROPL.N_CTX", "many"], "TRAINER.HICROPL.N_CTX=many is invalid: expected int (like its default 16)"),
     (["OPTIM.MAX_EPOCH"], "config options come in KEY VALUE pairs"),
+    (["OPTIM.LR", "0.0"], "error: OPTIM.LR=0.0 is invalid: must be a positive number"),  # was a ZeroDivisionError
+    (["OPTIM.MAX_EPOCH", "0"], "error: OPTIM.MAX_EPOCH=0 is invalid: must be at least 1"),
     (["TRAINER.HICROPL.MAPPER_MODE", "copy"], "TRAINER.HICROPL.MAPPER_MODE='copy' is invalid: must be one of"),
     (["MODEL.BACKBONE.PATH", "/nowhere/ViT-B-16.pt"], "MODEL.BACKBONE.PATH='/nowhere/ViT-B-16.pt' is not a file"),
     (["DATASET.DESCRIPTIONS_FILE", "/nowhere/caltech_prompt.json"],

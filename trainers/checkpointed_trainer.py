@@ -20,6 +20,7 @@ schedule, scaler, best validation result, random states and the trainer's `run_s
 across epochs, such as a running average of weights) of the last finished epoch until training ends.
 """
 import datetime
+import math
 import os
 import os.path as osp
 import random
@@ -175,6 +176,11 @@ class CheckpointedTrainer(TrainerX):
         if cfg.DATASET.SUBSAMPLE_CLASSES not in ("all", "base", "new"):
             raise InvalidValue(f"DATASET.SUBSAMPLE_CLASSES={cfg.DATASET.SUBSAMPLE_CLASSES!r} is invalid: "
                              f"must be all, base or new")
+        if not (math.isfinite(cfg.OPTIM.LR) and cfg.OPTIM.LR > 0):  # the schedule is relative to it
+            raise InvalidValue(f"OPTIM.LR={cfg.OPTIM.LR!r} is invalid: must be a positive number (the recipes "
+                               f"use 0.002 to 0.0035)")
+        if cfg.OPTIM.MAX_EPOCH < 1:
+            raise InvalidValue(f"OPTIM.MAX_EPOCH={cfg.OPTIM.MAX_EPOCH!r} is invalid: must be at least 1")
         check_data = getattr(DATASET_REGISTRY.get(cfg.DATASET.NAME), "check_cfg", None)
         if check_data is not None:  # a dataset of the user's own images: bad data stops the run here
             check_data(cfg)
