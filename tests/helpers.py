@@ -595,3 +595,11 @@ def assert_ivlp_release_checkpoint_evaluates_as_ours(workspace, trainer, recipe,
     assert "a checkpoint of the official release: converting its key names" in released.stdout
     ours = evaluate_new_classes(workspace, trainer, recipe, run_dir, tmp_path / "ours", options)
     assert accuracies(released.stdout)[-1] == accuracies(ours.stdout)[-1]
+
+
+def shipped_prompt_methods(task: str = "base2new"):
+    """The registered prompt methods this repository ships (vlprompt/methods/), in the registry's
+    order: not the ones test modules register for themselves (tests/test_method_api.py's ToyPrompt),
+    which exist only in the processes that imported those modules."""
+    from vlprompt.methods.registry import prompt_methods
+    return [spec for spec in prompt_methods(task) if spec.model.__module__.startswith("vlprompt.methods.")]

@@ -31,8 +31,8 @@ def test_gpu_check_passes_on_the_cpu(tmp_path):
         "PASS evaluate new classes twice", "PASS one epoch of every method", "PASS benchmark"]
     assert "on cpu" in summary[1] and "base accuracy" in summary[1] and "vs zero-shot" in summary[1]
     assert "weights after 3 epochs bitwise equal" in summary[6] and "frozen image features reused" in summary[7]
-    from vlprompt.methods.registry import prompt_methods
-    for spec in prompt_methods():
+    from helpers import shipped_prompt_methods
+    for spec in shipped_prompt_methods():
         if spec.trains and spec.name != "HiCroPL":
             assert f"{spec.name} " in summary[8]
     assert "EdgeCNN " in summary[8] and summary[9].startswith("PASS benchmark: train_step_speedup=")

@@ -282,8 +282,8 @@ def test_zero_shot_clip_runs_classify_too(run):
 
 
 def every_prompt_method():
-    from vlprompt.methods.registry import prompt_methods
-    return sorted({spec.name for task in ("base2new", "xd") for spec in prompt_methods(task)})
+    from helpers import shipped_prompt_methods
+    return sorted({spec.name for task in ("base2new", "xd") for spec in shipped_prompt_methods(task)})
 
 
 @pytest.mark.parametrize("method", every_prompt_method())
