@@ -306,10 +306,15 @@ def test_eval_logits_do_not_depend_on_batch_size_or_order(tiny_clip):
 
 
 def test_a_few_steps_lower_the_loss(tiny_clip):
+    """40 steps: the mean of the last 5 losses falls below 0.8 of the first (measured 0.52 under
+    the AVX-512 and the default kernels alike). The description drawn per step comes from python's
+    random, seeded here: unseeded, 15 steps fell by 4% to 21% depending on the draws."""
+    import random
+    random.seed(0)
     model = build(tiny_clip)
     images, labels = images_for(model, batch=4), torch.tensor([0, 1, 2, 0])
-    losses = train_losses(model, [images, images.flip(-1)], labels, steps=15, lr=2e-2)
-    assert max(losses[-3:]) < 0.85 * losses[0]
+    losses = train_losses(model, [images, images.flip(-1)], labels, steps=40, lr=1e-2)
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

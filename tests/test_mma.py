@@ -87,6 +87,10 @@ def test_the_comparison_sees_the_adapters():
 @pytest.mark.parametrize("name", CASES)
 def test_initial_adapters_are_the_releases_draws(name):
     """Built in the release's order with its initialisation: the same torch seed, the same weights."""
+    recorded = FIXTURE["generated_with"]["cpu_capability"]
+    if torch.backends.cpu.get_cpu_capability() != recorded:
+        pytest.skip(f"torch's CPU random draws differ in their last bits between CPU kernels: the recorded hashes "
+                    f"are the {recorded} kernels' draws")
     case = FIXTURE["cases"][name]
     clip_model = fixture_clip()
     torch.manual_seed(7)  # the fixture's rule: torch.manual_seed(7) right before the release builds them
